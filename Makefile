@@ -1,0 +1,29 @@
+# fastdist: `make install`, `make test`, `make demo`, `make lint`, `make gpu-check`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+TRITON_PIN ?= triton==3.6.0
+
+.PHONY: install test test-interp test-aot lint demo
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN) $(TRITON_PIN)
+	$(PY) -m pip install --quiet -e ".[dali,dev]" $(TORCH_PIN) $(TRITON_PIN)
+	touch $@
+
+install: $(VENV)/.installed
+
+# Two pytest runs: the Triton interpreter must be switched on before triton is imported,
+# and the ahead-of-time compile tests need it off.
+test: install lint test-interp test-aot
+
+test-interp: install
+	TRITON_INTERPRET=1 $(PY) -m pytest tests --ignore=tests/aot
+
+test-aot: install
+	$(PY) -m pytest tests/aot
+
+lint: install
+	$(VENV)/bin/ruff check .
