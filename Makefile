@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.6.0
 
-.PHONY: install test test-interp test-aot lint demo
+.PHONY: install test test-interp test-aot lint demo gpu-check
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -27,3 +27,11 @@ test-aot: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# The main job on built-in synthetic Cityscapes data: teacher, DIST student, baseline student.
+demo: install
+	bash scripts/demo.sh
+
+# CUDA parity tests and all three benchmarks on a GPU machine, into one results folder.
+gpu-check:
+	bash benchmarks/gpu_check.sh
