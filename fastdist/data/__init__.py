@@ -1,0 +1,68 @@
+"""Cityscapes data for fastdist: ``build_loader`` (DALI or torch backend), checks, synthetic data.
+
+``build_loader(root, split, batch_size, ...)`` yields ``(images, labels)``: images (B, 3, H, W) in
+``dtype`` on ``device`` (channels-last memory unless ``channels_last=False``), BGR minus
+:data:`~fastdist.data.cityscapes.MEAN_BGR`; labels (B, H, W) int64 train ids, 255 for ignore.
+``split="train"`` is augmented (random scale from {0.5, ..., 2.0}, pad, random crop, flip) and
+yields ``max_iterations`` batches per rank; other splits yield every image once over all ranks,
+unaugmented.  The ``test`` split works without ``gtFine`` labels (labels are then all 255);
+:func:`list_pairs` gives the image paths in loader order (rank ``r`` of ``w`` takes ``pairs[r::w]``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastdist.data.cityscapes import DatasetError, Pair, check_dataset, list_pairs
+from fastdist.data.loader import Loader
+from fastdist.data.sampler import Schedule
+
+__all__ = ["BACKENDS", "DatasetError", "Loader", "Pair", "build_loader", "check_dataset", "list_pairs"]
+
+BACKENDS = ("dali", "torch")
+
+
+def build_loader(
+    root: str | os.PathLike,
+    split: str,
+    batch_size: int,
+    crop_size: tuple[int, int] = (512, 1024),
+    backend: str = "dali",
+    device: str | torch.device = "cuda",
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_threads: int = 4,
+    max_iterations: int | None = None,
+    start_iteration: int = 0,
+    channels_last: bool = True,
+    dtype: torch.dtype = torch.float32,
+    augment: bool | None = None,
+    list_file: str | os.PathLike | None = None,
+) -> Loader:
+    """Build the loader of one rank (see the module docstring; the pair check runs first).
+
+    ``augment`` defaults to ``split == "train"`` (which also selects the iteration-based, reshuffled
+    schedule); ``num_threads`` is DALI's CPU thread count or the torch backend's worker count
+    (0: load in the main process); ``list_file`` replaces the folder scan by a reference list.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown data backend {backend!r}: expected one of {BACKENDS}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"images must be a float dtype, got {dtype}")
+    pairs = list_pairs(root, split, list_file)
+    train = split == "train" if augment is None else augment
+    schedule = Schedule(
+        len(pairs), batch_size, train, rank, world_size, seed, max_iterations, start_iteration
+    )
+    crop = (int(crop_size[0]), int(crop_size[1]))
+    dev = torch.device(device)
+    if backend == "torch":
+        from fastdist.data.torch_loader import TorchLoader
+
+        return TorchLoader(pairs, schedule, crop, dev, num_threads, channels_last, dtype)
+    from fastdist.data.dali_pipeline import DaliLoader
+
+    return DaliLoader(pairs, schedule, crop, dev, num_threads, channels_last, dtype)

@@ -1,0 +1,162 @@
+"""Cityscapes layout, image/label pairing, label mapping and the constants of the recipe.
+
+Layout under a root (the standard Cityscapes one)::
+
+    leftImg8bit/{train,val,test}/<city>/<stem>_leftImg8bit.png
+    gtFine/{train,val,test}/<city>/<stem>_gtFine_labelIds.png
+
+Reference list files (``train.lst``, ``val.lst``, ...: ``image_path label_path`` per line, relative
+to the root) are also accepted through ``list_file``.  Images and labels are matched by
+``<city>/<stem>``; a missing or extra file is a :class:`DatasetError` that names the first offenders
+and the count.  For the ``test`` split labels are optional: without a ``gtFine/test`` folder every
+pair has ``label=None`` and the loaders yield labels filled with :data:`IGNORE_INDEX`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+NUM_CLASSES = 19
+IGNORE_INDEX = 255
+
+CLASS_NAMES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+
+# RGB colours of the 19 train ids (the official Cityscapes palette).
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
+
+LABEL_ID_TO_TRAIN_ID: dict[int, int] = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}  # fmt: skip
+TRAIN_ID_TO_LABEL_ID: dict[int, int] = {t: i for i, t in LABEL_ID_TO_TRAIN_ID.items()}
+
+# Per-channel mean in BGR order, subtracted from 0..255 pixel values (no division by a std).
+MEAN_BGR: tuple[float, float, float] = (104.00698793, 116.66876762, 122.67891434)
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelIds.png"
+_MAX_NAMED = 5
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used: missing/extra/unreadable files, an empty split, bad batches."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One sample: absolute image path, absolute label path (None: no label), and its name."""
+
+    image: str
+    label: str | None
+    name: str
+
+
+def label_lut() -> np.ndarray:
+    """The 256-entry uint8 table labelId -> trainId (255 for every id that is not trained)."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for label_id, train_id in LABEL_ID_TO_TRAIN_ID.items():
+        lut[label_id] = train_id
+    return lut
+
+
+def _scan(folder: Path, suffix: str) -> dict[str, str]:
+    """Map ``<city>/<stem>`` -> absolute path for every file ending in ``suffix`` below ``folder``."""
+    found: dict[str, str] = {}
+    if not folder.is_dir():
+        return found
+    for dirpath, _, files in os.walk(folder):
+        for fname in files:
+            if fname.endswith(suffix):
+                rel = os.path.relpath(os.path.join(dirpath, fname), folder)
+                found[rel[: -len(suffix)]] = os.path.join(dirpath, fname)
+    return found
+
+
+def _offenders(kind: str, keys: list[str]) -> str:
+    shown = ", ".join(sorted(keys)[:_MAX_NAMED])
+    more = f" (and {len(keys) - _MAX_NAMED} more)" if len(keys) > _MAX_NAMED else ""
+    return f"{len(keys)} {kind}: {shown}{more}"
+
+
+def _match(images: dict[str, str], labels: dict[str, str], where: str) -> list[Pair]:
+    missing = [k for k in images if k not in labels]
+    extra = [k for k in labels if k not in images]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(_offenders(f"image(s) without a *{LABEL_SUFFIX}", missing))
+        if extra:
+            parts.append(_offenders(f"label(s) without a *{IMAGE_SUFFIX}", extra))
+        raise DatasetError(f"unmatched Cityscapes pairs in {where}: " + "; ".join(parts))
+    return [Pair(images[k], labels[k], os.path.basename(k)) for k in sorted(images)]
+
+
+def _pairs_from_layout(root: Path, split: str) -> list[Pair]:
+    images = _scan(root / "leftImg8bit" / split, IMAGE_SUFFIX)
+    label_dir = root / "gtFine" / split
+    if split == "test" and not label_dir.is_dir():
+        return [Pair(images[k], None, os.path.basename(k)) for k in sorted(images)]
+    return _match(images, _scan(label_dir, LABEL_SUFFIX), f"{root} ({split})")
+
+
+def _pairs_from_list(root: Path, list_file: Path) -> list[Pair]:
+    pairs: list[Pair] = []
+    missing: list[str] = []
+    for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) > 2:
+            raise DatasetError(f"{list_file}:{lineno}: expected 'image_path [label_path]', got {line!r}")
+        image = str(root / fields[0])
+        label = str(root / fields[1]) if len(fields) == 2 else None
+        missing += [p for p in (image, label) if p is not None and not os.path.isfile(p)]
+        name = os.path.basename(fields[0])
+        pairs.append(Pair(image, label, name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else name))
+    if missing:
+        raise DatasetError(f"list file {list_file} names " + _offenders("missing file(s)", missing))
+    return pairs
+
+
+def list_pairs(root: str | os.PathLike, split: str, list_file: str | os.PathLike | None = None) -> list[Pair]:
+    """All (image, label) pairs of a split, sorted by name; raises :class:`DatasetError` on any problem.
+
+    ``list_file`` (a reference ``*.lst``, relative paths resolved against ``root``) replaces the
+    folder scan; without it the folders are scanned, falling back to ``root/<split>.lst`` when the
+    ``leftImg8bit/<split>`` folder does not exist.
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist or is not a folder")
+    if list_file is None and not (root_path / "leftImg8bit" / split).is_dir():
+        fallback = root_path / f"{split}.lst"
+        if fallback.is_file():
+            list_file = fallback
+    if list_file is not None:
+        pairs = _pairs_from_list(root_path, Path(list_file))
+    else:
+        if split not in SPLITS:
+            raise DatasetError(f"unknown split {split!r}: expected one of {SPLITS} or a list file")
+        pairs = _pairs_from_layout(root_path, split)
+    if not pairs:
+        raise DatasetError(f"split {split!r} under {root} is empty: no *{IMAGE_SUFFIX} files found")
+    return pairs
+
+
+def check_dataset(root: str | os.PathLike, split: str, list_file: str | os.PathLike | None = None) -> int:
+    """Validate the pairs of a split (cheaply: names only) and return their number."""
+    return len(list_pairs(root, split, list_file))

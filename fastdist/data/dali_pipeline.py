@@ -1,0 +1,224 @@
+"""The DALI backend: one pipeline per rank, decoding and augmentation in DALI, output on device.
+
+Sample order and all random draws come from the shared :class:`Schedule` (the same as the torch
+backend): an ``external_source`` feeds each batch's encoded image and label bytes *together* (so
+pairs can never misalign) with each sample's resize size, crop position and flip.  The pipeline
+decodes (``mixed`` on a GPU, CPU threads otherwise) straight to BGR, maps labelIds to train ids with
+``lookup_table``, and for training resizes (linear without antialias / nearest), then crops with
+bottom-right padding, flips and subtracts the mean in one ``crop_mirror_normalize`` (padding
+written as exactly 0, labels padded with 255).  With a CUDA device it runs on ``device_id`` = that
+device with GPU operators and hands the output to torch via DLPack; without one the same graph runs
+in DALI's CPU-only mode (``device_id=None``), which is what the tests use.  DALI errors surface as
+:class:`DatasetError` naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastdist.data.cityscapes import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, DatasetError, Pair
+from fastdist.data.loader import MEAN_BGR_F32, Loader, check_same_size, finish_batch
+from fastdist.data.sampler import CropPlan, SampleSpec, Schedule, plan_crop
+
+_MEAN = [float(m) for m in MEAN_BGR_F32]  # the float32 values, as in the torch backend
+
+
+def _read_bytes(path: str) -> np.ndarray:
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from exc
+
+
+def _image_size(data: np.ndarray, path: str) -> tuple[int, int]:
+    """(height, width) from the file header (no decoding)."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as img:
+            return img.height, img.width
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DatasetError(f"cannot decode {path}: {exc}") from exc
+
+
+def _crop_pos(offset: int, extent: int, crop: int) -> float:
+    """DALI's normalised crop position for an integer offset (0 when the crop pads)."""
+    return offset / (extent - crop) if extent > crop else 0.0
+
+
+def _train_args(plan: CropPlan, height: int, width: int, crop_size: tuple[int, int]) -> list[np.ndarray]:
+    """One sample's per-sample arguments: output size, crop position, mirror, label resize ROI.
+
+    DALI samples output pixel ``d`` at ``roi_start + (d + 0.5) * in / out``; shifting the label ROI
+    by half a step gives ``d * in / out``, the source pixel cv2 INTER_NEAREST and torch ``nearest``
+    pick (images keep DALI's pixel-centre sampling, which is what bilinear uses everywhere).
+    """
+    half = np.array([0.5 * height / plan.height, 0.5 * width / plan.width], dtype=np.float32)
+    return [
+        np.array(plan.height, dtype=np.float32),
+        np.array(plan.width, dtype=np.float32),
+        np.array(_crop_pos(plan.top, plan.height, crop_size[0]), dtype=np.float32),
+        np.array(_crop_pos(plan.left, plan.width, crop_size[1]), dtype=np.float32),
+        np.array(int(plan.flip), dtype=np.int32),
+        -half,
+        np.array([height, width], dtype=np.float32) - half,
+    ]
+
+
+class _BatchSource:
+    """Iterable external source: one batch of encoded files and per-sample draws per step."""
+
+    def __init__(self, pairs: Sequence[Pair], schedule: Schedule, crop_size: tuple[int, int]) -> None:
+        self.pairs, self.schedule, self.crop_size = pairs, schedule, crop_size
+        self.fed: deque[list[Pair]] = deque()  # batches handed to DALI and not yet returned
+
+    def __iter__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
+        self.fed.clear()
+        for batch in self.schedule:
+            pairs = [self.pairs[spec.index] for spec in batch]
+            self.fed.append(pairs)
+            yield self._batch(batch, pairs)
+
+    def _batch(self, batch: list[SampleSpec], pairs: list[Pair]) -> tuple[list[np.ndarray], ...]:
+        images = [_read_bytes(p.image) for p in pairs]
+        columns: list[list[np.ndarray]] = [images]
+        if pairs[0].label is not None:
+            columns.append([_read_bytes(p.label) for p in pairs])
+        if self.schedule.train:
+            per_sample = []
+            for spec, pair, data in zip(batch, pairs, images, strict=True):
+                height, width = _image_size(data, pair.image)
+                plan = plan_crop(height, width, spec.augment, self.crop_size)
+                per_sample.append(_train_args(plan, height, width, self.crop_size))
+            columns += [list(column) for column in zip(*per_sample, strict=True)]
+        return tuple(columns)
+
+
+def _graph(source: _BatchSource, train: bool, has_labels: bool, crop_size: tuple[int, int], gpu: bool):
+    """Define the pipeline graph (called inside ``Pipeline``'s context)."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    num_outputs = 1 + has_labels + (7 if train else 0)
+    inputs = fn.external_source(source=source, num_outputs=num_outputs, batch=True)
+    decoder = "mixed" if gpu else "cpu"
+    image = fn.decoders.image(inputs[0], device=decoder, output_type=types.BGR)
+    label = None
+    if has_labels:
+        label = fn.decoders.image(inputs[1], device=decoder, output_type=types.GRAY)
+        keys, values = zip(*sorted(LABEL_ID_TO_TRAIN_ID.items()), strict=True)
+        label = fn.lookup_table(
+            label, keys=list(keys), values=list(values), default_value=IGNORE_INDEX, dtype=types.UINT8
+        )
+    normalize = dict(mean=_MEAN, std=[1.0, 1.0, 1.0], dtype=types.FLOAT, output_layout="HWC")
+    if not train:
+        image = fn.crop_mirror_normalize(image, **normalize)
+        return (image, label) if has_labels else (image,)
+    size_y, size_x, pos_y, pos_x, mirror, roi_start, roi_end = inputs[1 + has_labels :]
+    resize = dict(resize_x=size_x, resize_y=size_y, antialias=False)
+    image = fn.resize(image, interp_type=types.INTERP_LINEAR, **resize)
+    crop = dict(
+        crop=list(crop_size), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror, out_of_bounds_policy="pad"
+    )
+    image = fn.crop_mirror_normalize(image, fill_values=[0.0, 0.0, 0.0], **normalize, **crop)
+    if has_labels:
+        label = fn.resize(label, interp_type=types.INTERP_NN, roi_start=roi_start, roi_end=roi_end, **resize)
+        label = fn.crop_mirror_normalize(
+            label, fill_values=[float(IGNORE_INDEX)], dtype=types.UINT8, output_layout="HWC", **crop
+        )
+    return (image, label) if has_labels else (image,)
+
+
+def _find_bad_file(batches: Sequence[list[Pair]]) -> str | None:
+    for pairs in batches:
+        for pair in pairs:
+            for path in (pair.image, pair.label):
+                if path is None:
+                    continue
+                try:
+                    with Image.open(path) as img:
+                        img.load()
+                except (OSError, ValueError, SyntaxError):
+                    return path
+    return None
+
+
+def _to_torch(output, device: torch.device) -> torch.Tensor:
+    """A DALI TensorList (uniform shape) as a torch tensor: zero-copy via DLPack, as DALI's own
+    PyTorch iterator does with the dynamic executor (each output owns its buffer; the consumer
+    stream is synchronised through the DLPack protocol)."""
+    tensor = output.as_tensor()
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return torch.from_dlpack(tensor)
+    return torch.from_dlpack(tensor)
+
+
+class DaliLoader(Loader):
+    """(images, labels) batches from one DALI pipeline over the shared schedule."""
+
+    def __init__(
+        self,
+        pairs: Sequence[Pair],
+        schedule: Schedule,
+        crop_size: tuple[int, int],
+        device: torch.device,
+        num_threads: int,
+        channels_last: bool,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__(schedule)
+        self.device, self.channels_last, self.dtype = device, channels_last, dtype
+        self.num_threads = max(int(num_threads), 1)
+        self.has_labels = all(p.label is not None for p in pairs)
+        self.pairs, self.crop_size = list(pairs), crop_size
+        self._source: _BatchSource | None = None
+
+    def _build(self):
+        from nvidia.dali import Pipeline
+
+        gpu = self.device.type == "cuda"
+        device_id = (
+            (self.device.index if self.device.index is not None else torch.cuda.current_device())
+            if gpu
+            else None
+        )
+        pipe = Pipeline(
+            batch_size=self.schedule.batch_size,
+            num_threads=self.num_threads,
+            device_id=device_id,
+            seed=self.schedule.seed,
+            prefetch_queue_depth=2,
+            exec_dynamic=True,  # outputs own their buffers: safe zero-copy hand-over to torch
+        )
+        self._source = _BatchSource(self.pairs, self.schedule, self.crop_size)
+        with pipe:
+            pipe.set_outputs(*_graph(self._source, self.schedule.train, self.has_labels, self.crop_size, gpu))
+        pipe.build()
+        return pipe
+
+    def _run(self, pipe):
+        try:
+            return pipe.run()
+        except StopIteration:
+            raise
+        except RuntimeError as exc:
+            bad = _find_bad_file(list(self._source.fed))
+            where = bad if bad is not None else ", ".join(p.image for p in self._source.fed[0])
+            raise DatasetError(f"DALI failed to load {where}: {str(exc).splitlines()[0]}") from exc
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pipe = self._build()  # a fresh pipeline per pass: restarts the source cleanly after a break
+        for _ in range(len(self)):
+            outputs = self._run(pipe)
+            pairs = self._source.fed.popleft()
+            check_same_size([p.name for p in pairs], [tuple(s[:2]) for s in outputs[0].shape()])
+            images = _to_torch(outputs[0], self.device).to(self.device, non_blocking=True)
+            labels = None
+            if self.has_labels:
+                labels = _to_torch(outputs[1], self.device)[..., 0].to(self.device, non_blocking=True)
+            yield finish_batch(images, labels, self.channels_last, self.dtype)

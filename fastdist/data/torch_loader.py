@@ -1,0 +1,183 @@
+"""The torch.utils.data backend: PIL decoding and augmentation in workers, normalisation on device.
+
+Workers decode (PIL), map labels to train ids, and for training resize (bilinear with
+``align_corners=False`` semantics and no antialias, like cv2 INTER_LINEAR; labels nearest, picking
+source pixel ``floor(dst * src / dst_size)`` like cv2 INTER_NEAREST and torch ``nearest``), pad
+bottom/right, crop and flip, all as uint8.  Only the crop window of the scaled image is computed.
+The main process copies pinned uint8 batches to the device without
+blocking, converts to float32, subtracts the mean and zeroes the padding there: 4x less traffic
+than shipping floats.  Sample order and every random draw come from :class:`Schedule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from fastdist.data.cityscapes import IGNORE_INDEX, DatasetError, Pair, label_lut
+from fastdist.data.loader import MEAN_BGR_F32, Loader, check_same_size, finish_batch
+from fastdist.data.sampler import CropPlan, SampleSpec, Schedule, plan_crop
+
+Sample = tuple[torch.Tensor, torch.Tensor | None, tuple[int, int, bool], str]
+
+
+def _read(path: str, mode: str) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert(mode) if img.mode != mode else img)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DatasetError(f"cannot decode {path}: {exc}") from exc
+
+
+def read_image_bgr(path: str) -> np.ndarray:
+    """(H, W, 3) uint8 BGR pixels of an image file."""
+    return np.ascontiguousarray(_read(path, "RGB")[..., ::-1])
+
+
+def read_train_ids(path: str) -> np.ndarray:
+    """(H, W) uint8 train ids (255: ignore) of a labelIds file."""
+    return label_lut()[_read(path, "L")]
+
+
+def _linear_taps(start: int, count: int, in_size: int, out_size: int):
+    """Source taps of output pixels ``start .. start+count-1`` for bilinear, ``align_corners=False``.
+
+    Source coordinate ``(d + 0.5) * in / out - 0.5`` clamped at 0 (as cv2 INTER_LINEAR and torch
+    ``interpolate`` compute it): lower index, upper index and the upper weight.
+    """
+    src = (torch.arange(start, start + count, dtype=torch.float32) + 0.5) * (in_size / out_size) - 0.5
+    src = src.clamp_(min=0)
+    lower = src.floor().long().clamp_(max=in_size - 1)
+    return lower, (lower + 1).clamp_(max=in_size - 1), src - lower
+
+
+def _nearest_taps(start: int, count: int, in_size: int, out_size: int) -> torch.Tensor:
+    """Source pixel ``floor(d * in / out)`` of output pixels ``start .. start+count-1`` (cv2 NEAREST)."""
+    src = torch.arange(start, start + count, dtype=torch.float32) * (in_size / out_size)
+    return src.floor().long().clamp_(max=in_size - 1)
+
+
+def _resize_window(image: torch.Tensor, plan: CropPlan) -> torch.Tensor:
+    """The crop window of the image resized to (plan.height, plan.width), computed for the window only.
+
+    Separable bilinear in float32, rounded half up to uint8 (as DALI rounds); work scales with the
+    crop, not with the scaled image (2x upscales of 1024x2048 images are 16x cheaper).
+    """
+    height, width = image.shape[:2]
+    r0, r1, rw = _linear_taps(plan.top, plan.valid_h, height, plan.height)
+    c0, c1, cw = _linear_taps(plan.left, plan.valid_w, width, plan.width)
+    first, last = int(c0.min()), int(c1.max())
+    band = image[:, first : last + 1]
+    top, bottom = band.index_select(0, r0).float(), band.index_select(0, r1).float()
+    rows = top.lerp_(bottom, rw[:, None, None])
+    left, right = rows.index_select(1, c0 - first), rows.index_select(1, c1 - first)
+    out = left.lerp_(right, cw[None, :, None]).add_(0.5).floor_().clamp_(0, 255)
+    return out.to(torch.uint8)
+
+
+def _augment(
+    image: torch.Tensor, label: torch.Tensor, plan: CropPlan, crop_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize, pad (image 0 / label 255, bottom-right), crop and flip uint8 HWC image and HW label."""
+    out_img = torch.zeros((*crop_size, 3), dtype=torch.uint8)
+    out_lbl = torch.full(crop_size, IGNORE_INDEX, dtype=torch.uint8)
+    out_img[: plan.valid_h, : plan.valid_w] = _resize_window(image, plan)
+    rows = _nearest_taps(plan.top, plan.valid_h, label.shape[0], plan.height)
+    cols = _nearest_taps(plan.left, plan.valid_w, label.shape[1], plan.width)
+    out_lbl[: plan.valid_h, : plan.valid_w] = label.index_select(0, rows).index_select(1, cols)
+    if plan.flip:
+        out_img, out_lbl = out_img.flip(1), out_lbl.flip(1)
+    return out_img, out_lbl
+
+
+class PairDataset(Dataset):
+    """Map-style dataset indexed by :class:`SampleSpec`: returns uint8 image, uint8 label, valid box."""
+
+    def __init__(self, pairs: Sequence[Pair], crop_size: tuple[int, int]) -> None:
+        self.pairs, self.crop_size = list(pairs), crop_size
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, spec: SampleSpec) -> Sample:
+        pair = self.pairs[spec.index]
+        image = torch.from_numpy(read_image_bgr(pair.image))
+        label = None if pair.label is None else torch.from_numpy(read_train_ids(pair.label))
+        if label is not None and label.shape != image.shape[:2]:
+            raise DatasetError(
+                f"{pair.label} is {tuple(label.shape)} but {pair.image} is {tuple(image.shape[:2])}"
+            )
+        if spec.augment is None:
+            return image, label, (image.shape[0], image.shape[1], False), pair.name
+        if label is None:
+            label = torch.full(image.shape[:2], IGNORE_INDEX, dtype=torch.uint8)
+        plan = plan_crop(image.shape[0], image.shape[1], spec.augment, self.crop_size)
+        image, label = _augment(image, label, plan, self.crop_size)
+        return image, label, (plan.valid_h, plan.valid_w, plan.flip), pair.name
+
+
+def collate(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor | None, list, list[str]]:
+    """Stack uint8 samples (erroring clearly on mixed sizes)."""
+    images, labels, valid, names = zip(*samples, strict=True)
+    check_same_size(names, [tuple(i.shape[:2]) for i in images])
+    stacked = None if any(lbl is None for lbl in labels) else torch.stack(labels)
+    return torch.stack(images), stacked, list(valid), list(names)
+
+
+def normalize(
+    images_u8: torch.Tensor, valid: Sequence[tuple[int, int, bool]], mean: torch.Tensor = MEAN_BGR_F32
+) -> torch.Tensor:
+    """(B, H, W, 3) uint8 BGR -> float32 minus the mean, with padding (outside ``valid``) exactly 0."""
+    out = images_u8.to(torch.float32) - mean.to(images_u8.device)
+    height, width = out.shape[1:3]
+    for i, (valid_h, valid_w, flip) in enumerate(valid):
+        if valid_h < height:
+            out[i, valid_h:] = 0
+        if valid_w < width:
+            cols = slice(0, width - valid_w) if flip else slice(valid_w, width)
+            out[i, :, cols] = 0
+    return out
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+class TorchLoader(Loader):
+    """(images, labels) batches from a ``torch.utils.data.DataLoader`` over the shared schedule."""
+
+    def __init__(
+        self,
+        pairs: Sequence[Pair],
+        schedule: Schedule,
+        crop_size: tuple[int, int],
+        device: torch.device,
+        num_workers: int,
+        channels_last: bool,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__(schedule)
+        self.device, self.channels_last, self.dtype = device, channels_last, dtype
+        self._mean = MEAN_BGR_F32.to(device)
+        workers = max(int(num_workers), 0)
+        self._loader = DataLoader(
+            PairDataset(pairs, crop_size),
+            batch_sampler=schedule,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            worker_init_fn=_worker_init if workers > 0 else None,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, valid, _ in self._loader:
+            images = normalize(images.to(self.device, non_blocking=True), valid, self._mean)
+            if labels is not None:
+                labels = labels.to(self.device, non_blocking=True)
+            yield finish_batch(images, labels, self.channels_last, self.dtype)
