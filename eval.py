@@ -1,0 +1,114 @@
+"""Evaluate a segmentation checkpoint on Cityscapes val: mIoU, pixel accuracy, per-class IoU.
+
+    python eval.py --model deeplabv3 --backbone resnet101 --data data/cityscapes \
+        --pretrained ckpts/deeplabv3_resnet101_citys_best_model.pth [--scales 0.75 1.0 1.25] [--flip-eval]
+    torchrun --nproc_per_node=8 eval.py ...            # each rank evaluates its shard
+
+Bad input (missing dataset, unknown model, checkpoint that does not fit) fails before the process
+group, the device and the data pipeline are started, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES, DatasetError, check_dataset
+from fastdist.engine.distributed import DistributedSetupError, cleanup_distributed, setup_distributed
+from fastdist.engine.evaluation import (
+    InferenceSetupError,
+    amp_dtype_from_name,
+    build_inference_model,
+    evaluate,
+    save_results_json,
+    to_device,
+)
+from fastdist.engine.metrics import format_iou_table
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (names follow the reference eval.py)."""
+    p = argparse.ArgumentParser(description="Evaluate a segmentation model on Cityscapes val.")
+    p.add_argument("--model", required=True, help="deeplabv3 | psp | deeplab_mobile | psp_mobile")
+    p.add_argument("--backbone", required=True, help="resnet18 | resnet50 | resnet101 | mobilenetv2")
+    p.add_argument("--data", required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")
+    p.add_argument("--pretrained", required=True, help="model checkpoint to evaluate")
+    p.add_argument("--split", default="val", help="split to evaluate (default val)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales, e.g. 0.75 1.0 1.25")
+    p.add_argument("--flip-eval", action="store_true", help="average with horizontally flipped input")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--loader", choices=("auto", "torch", "dali"), default="auto",
+                   help="data backend (auto: dali on CUDA, torch on CPU)")
+    p.add_argument("--workers", "-j", type=int, default=4, help="loader threads/workers")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward and rank")
+    p.add_argument("--amp", default="none", help="autocast dtype: none | bf16 | fp16")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: on for CUDA)")
+    p.add_argument("--save-dir", default=None, help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Cheap checks of everything the user named, before any heavy start-up."""
+    if args.batch_size < 1:
+        raise InferenceSetupError("--batch-size must be >= 1")
+    if any(s <= 0 for s in args.scales):
+        raise InferenceSetupError(f"--scales must be positive, got {args.scales}")
+    amp_dtype_from_name(args.amp)
+    check_dataset(args.data, args.split)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Validate, load, evaluate on all ranks; print and save the results on the main rank."""
+    from fastdist.data import build_loader
+
+    _validate(args)
+    model = build_inference_model(args.model, args.backbone, args.pretrained, NUM_CLASSES)
+    env = setup_distributed(args.device)
+    channels_last = env.device.type == "cuda" if args.channels_last is None else args.channels_last
+    model = to_device(model, env.device, channels_last)
+    backend = args.loader if args.loader != "auto" else ("dali" if env.device.type == "cuda" else "torch")
+    loader = build_loader(args.data, args.split, args.batch_size, backend=backend, device=env.device,
+                          rank=env.rank, world_size=env.world_size, num_threads=args.workers,
+                          channels_last=channels_last)
+    start = time.perf_counter()
+    result = evaluate(model, loader, NUM_CLASSES, env.device, scales=tuple(args.scales),
+                      flip=args.flip_eval, amp_dtype=amp_dtype_from_name(args.amp))
+    seconds = time.perf_counter() - start
+    if env.is_main:
+        _report(args, result, seconds, env.world_size)
+    cleanup_distributed()
+    return result
+
+
+def _report(args: argparse.Namespace, result: dict, seconds: float, world_size: int) -> None:
+    """Print the metrics table and write the JSON file (main rank only)."""
+    print(format_iou_table(result["IoU"], CLASS_NAMES, miou=result["mIoU"]))
+    print(f"{args.model}/{args.backbone} on {args.split} ({result['images']} images, scales {args.scales}, "
+          f"flip {args.flip_eval}, {world_size} rank(s), {seconds:.1f} s): "
+          f"mIoU {100 * result['mIoU']:.2f}  pixAcc {100 * result['pixAcc']:.2f}")
+    if args.save_dir:
+        path = os.path.join(args.save_dir, f"eval_{args.model}_{args.backbone}_{args.split}.json")
+        save_results_json(result, path, CLASS_NAMES, model=args.model, backbone=args.backbone,
+                          checkpoint=os.path.abspath(args.pretrained), split=args.split,
+                          scales=list(args.scales), flip=args.flip_eval, world_size=world_size,
+                          seconds=round(seconds, 3))
+        print(f"results written to {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the exit status (2 on a user error, with a one-line message)."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (DatasetError, InferenceSetupError, DistributedSetupError) as exc:
+        print(f"eval.py: error: {exc}", file=sys.stderr)
+        cleanup_distributed()
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training engine: distributed setup, trainer, checkpoints, metrics, evaluation."""

@@ -1,0 +1,95 @@
+"""Write Cityscapes predictions for a split (default test), ready for the Cityscapes test server.
+
+    python predict.py --model deeplabv3 --backbone resnet101 --data data/cityscapes \
+        --pretrained ckpts/deeplabv3_resnet101_citys_best_model.pth --save-dir out/test_pred
+    torchrun --nproc_per_node=4 predict.py ...          # each rank predicts its shard
+
+Writes, for every ``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png``:
+
+* ``<save-dir>/labelIds/<city>/<stem>_leftImg8bit.png``: 8-bit Cityscapes *label ids* (train ids
+  mapped back), full resolution. Zip the ``labelIds`` folder for the server (it matches files by
+  ``<city>_<seq>_<frame>*.png``, one per frame).
+* ``<save-dir>/color/<city>/<stem>_color.png``: a palette visualisation (skip with ``--no-color``).
+
+Labels are not needed (the test split has none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from fastdist.data.cityscapes import NUM_CLASSES, DatasetError, list_pairs
+from fastdist.engine.distributed import (
+    DistributedSetupError,
+    barrier,
+    cleanup_distributed,
+    setup_distributed,
+)
+from fastdist.engine.evaluation import (
+    InferenceSetupError,
+    amp_dtype_from_name,
+    build_inference_model,
+    predict_images,
+    to_device,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (names follow eval.py)."""
+    p = argparse.ArgumentParser(description="Write Cityscapes labelId predictions for the test server.")
+    p.add_argument("--model", required=True, help="deeplabv3 | psp | deeplab_mobile | psp_mobile")
+    p.add_argument("--backbone", required=True, help="resnet18 | resnet50 | resnet101 | mobilenetv2")
+    p.add_argument("--data", required=True, help="Cityscapes root (leftImg8bit/<split>/...)")
+    p.add_argument("--pretrained", required=True, help="model checkpoint")
+    p.add_argument("--save-dir", required=True, help="output folder (labelIds/ and color/ inside)")
+    p.add_argument("--split", default="test", help="split to predict (default test)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales, e.g. 0.75 1.0 1.25")
+    p.add_argument("--flip-eval", action="store_true", help="average with horizontally flipped input")
+    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    p.add_argument("--workers", "-j", type=int, default=4, help="threads decoding and writing PNGs")
+    p.add_argument("--amp", default="none", help="autocast dtype: none | bf16 | fp16")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: on for CUDA)")
+    p.add_argument("--no-color", action="store_true", help="do not write colour visualisations")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, load, predict this rank's shard; returns the number of images this rank wrote."""
+    if any(s <= 0 for s in args.scales):
+        raise InferenceSetupError(f"--scales must be positive, got {args.scales}")
+    amp_dtype = amp_dtype_from_name(args.amp)
+    pairs = list_pairs(args.data, args.split)
+    model = build_inference_model(args.model, args.backbone, args.pretrained, NUM_CLASSES)
+    env = setup_distributed(args.device)
+    channels_last = env.device.type == "cuda" if args.channels_last is None else args.channels_last
+    model = to_device(model, env.device, channels_last)
+    shard = [pair.image for pair in pairs[env.rank :: env.world_size]]
+    start = time.perf_counter()
+    written = predict_images(model, shard, args.save_dir, env.device, scales=tuple(args.scales),
+                             flip=args.flip_eval, amp_dtype=amp_dtype, color=not args.no_color,
+                             channels_last=channels_last, workers=args.workers)
+    barrier()
+    if env.is_main:
+        print(f"{len(pairs)} {args.split} predictions written to {args.save_dir} by {env.world_size} rank(s) "
+              f"in {time.perf_counter() - start:.1f} s")
+    cleanup_distributed()
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the exit status (2 on a user error, with a one-line message)."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (DatasetError, InferenceSetupError, DistributedSetupError) as exc:
+        print(f"predict.py: error: {exc}", file=sys.stderr)
+        cleanup_distributed()
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
