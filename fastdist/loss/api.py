@@ -1,0 +1,154 @@
+"""Public front-end: :class:`DISTLoss` and :func:`dist_loss` (validation and backend dispatch).
+
+DIST ("Knowledge Distillation from A Stronger Teacher", NeurIPS 2022) on logits viewed as N rows x C
+classes (for (B, C, H, W) input the rows are the B*H*W pixels)::
+
+    p = softmax(S / tau),  q = softmax(T / tau)                          (over classes)
+    pearson(u, v) = <u - mean u, v - mean v> / (||u - mean u|| * ||v - mean v|| + 1e-8)
+    inter = 1 - mean_i pearson(p_i, q_i)          (rows)
+    intra = 1 - mean_j pearson(p[:, j], q[:, j])  (columns)
+    loss  = tau^2 * (beta * inter + gamma * intra)
+
+Backends: ``"reference"`` (the formula with eager autograd), ``"torch"`` and ``"triton"`` (fused:
+forward statistics + closed-form backward, saving only the inputs and O(C) coefficients; see
+``stats`` and ``torch_backend``), ``"auto"`` (triton on CUDA when triton is installed, else torch).
+"""
+
+import importlib.util
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, sync
+from .reference import dist_loss_reference
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRITON_MAX_C = 4096  # kernels.dist_loss.MAX_C (not imported here: that would import triton)
+
+
+def _check_params(tau: float, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+
+
+def _check_inputs(student: Tensor, teacher: Tensor) -> None:
+    if not isinstance(student, Tensor) or not isinstance(teacher, Tensor):
+        raise ValueError("student and teacher must be tensors")
+    if student.shape != teacher.shape:
+        shapes = f"{tuple(student.shape)} vs {tuple(teacher.shape)}"
+        raise ValueError(f"student and teacher shapes differ: {shapes}")
+    if student.dim() not in (2, 4):
+        raise ValueError(f"expected (N, C) or (B, C, H, W) logits, got shape {tuple(student.shape)}")
+    if student.device != teacher.device:
+        raise ValueError(f"student and teacher devices differ: {student.device} vs {teacher.device}")
+    for name, x in (("student", student), ("teacher", teacher)):
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} dtype must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if student.shape[1] < 2:
+        raise ValueError(f"need at least 2 classes (dim 1), got C={student.shape[1]}")
+    if student.numel() == 0:
+        raise ValueError(f"empty batch: shape {tuple(student.shape)} has no rows")
+
+
+def _check_mask(mask: Tensor, student: Tensor) -> Tensor:
+    """The mask as a contiguous (N,) bool tensor in row order."""
+    if not isinstance(mask, Tensor):
+        raise ValueError("mask must be a bool tensor")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask dtype must be torch.bool, got {mask.dtype}")
+    if mask.device != student.device:
+        raise ValueError(f"mask device {mask.device} differs from the logits' device {student.device}")
+    rows = student.numel() // student.shape[1]
+    pixel_shape = (student.shape[0], *student.shape[2:])
+    if tuple(mask.shape) not in ((rows,), pixel_shape):
+        raise ValueError(f"mask shape must be {pixel_shape} or ({rows},), got {tuple(mask.shape)}")
+    return mask.reshape(-1).contiguous()
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x itself when contiguous (2-D/NCHW) or channels-last, else a contiguous copy."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    return x.contiguous()
+
+
+def _resolve_backend(backend: str, student: Tensor, teacher: Tensor) -> str:
+    if backend != "auto":
+        return backend
+    fits = torch.float64 not in (student.dtype, teacher.dtype) and student.shape[1] <= _TRITON_MAX_C
+    return "triton" if student.device.type == "cuda" and _HAS_TRITON and fits else "torch"
+
+
+def dist_loss(
+    student: Tensor,
+    teacher: Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    tau: float = 1.0,
+    backend: str = "auto",
+    mask: Tensor | None = None,
+    intra_sync: bool = False,
+    process_group: object = None,
+) -> Tensor:
+    """DIST loss of student/teacher logits, a float32 0-d tensor (float64 when an input is float64).
+
+    Args:
+        student, teacher: (N, C) or (B, C, H, W) logits (NCHW or channels-last; fp32/fp16/bf16,
+            may differ). Gradients flow to both (to the teacher only when it requires grad).
+        beta, gamma: weights of the inter (row) and intra (column) terms; tau: temperature.
+        backend: "auto" | "triton" | "torch" | "reference".
+        mask: optional bool (B, H, W) or (N,) keep-mask: the loss is that of the kept rows and the
+            excluded rows get zero gradient.
+        intra_sync: take both terms over the global batch of all ranks of ``process_group`` (default
+            group when None); the value is the global loss on every rank and the gradients are scaled
+            so that DDP's averaging gives the single-process gradient of the concatenated batch.
+    """
+    _check_params(tau, backend)
+    _check_inputs(student, teacher)
+    if mask is not None:
+        mask = _check_mask(mask, student)
+    backend = _resolve_backend(backend, student, teacher)
+    if backend == "reference":
+        return dist_loss_reference(student, teacher, beta, gamma, tau, mask, intra_sync, process_group)
+    if backend == "triton" and torch.float64 in (student.dtype, teacher.dtype):
+        raise ValueError("backend='triton' supports float32, float16 and bfloat16 inputs, not float64")
+    group = sync.group_key(process_group) if intra_sync else ""
+    student, teacher = _dense(student), _dense(teacher)
+    loss, _, _ = ops.dist_loss_fwd(
+        student, teacher, mask, float(tau), float(beta), float(gamma), backend, intra_sync, group
+    )
+    return loss
+
+
+class DISTLoss(nn.Module):
+    """DIST knowledge-distillation loss (thin module around :func:`dist_loss`; see its docstring)."""
+
+    def __init__(
+        self,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        tau: float = 1.0,
+        backend: str = "auto",
+        intra_sync: bool = False,
+        process_group: object = None,
+    ) -> None:
+        super().__init__()
+        _check_params(tau, backend)
+        self.beta, self.gamma, self.tau = beta, gamma, tau
+        self.backend, self.intra_sync, self.process_group = backend, intra_sync, process_group
+
+    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
+        return dist_loss(
+            student, teacher, self.beta, self.gamma, self.tau, self.backend, mask, self.intra_sync,
+            self.process_group,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}, backend={self.backend!r}, "
+            f"intra_sync={self.intra_sync}"
+        )

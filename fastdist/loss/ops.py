@@ -1,0 +1,119 @@
+"""``torch.library`` custom ops of the fused DIST loss (``torch`` and ``triton`` backends).
+
+``fastdist::dist_loss_fwd(student, teacher, mask, tau, beta, gamma, backend, intra_sync, group)``
+  -> ``(loss, col_coef, row_coef)``: the backend's statistics, optionally merged over the ranks of
+  ``group`` (a :func:`fastdist.loss.sync.group_key`), then :func:`fastdist.loss.stats.coefficients`.
+``fastdist::dist_loss_bwd(student, teacher, mask, col_coef, row_coef, grad_out, tau, backend,
+  need_student, need_teacher)`` -> ``(d_student, d_teacher)`` (an empty (0,) tensor when not needed).
+
+The forward op carries ``register_autograd`` (saving only the inputs and the O(C) coefficients) and
+both carry ``register_fake``, so ``torch.compile(fullgraph=True)`` traces through them without a
+graph break.
+"""
+
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from . import stats, sync, torch_backend
+
+
+def _backend_module(backend: str, device: torch.device) -> ModuleType:
+    """The launcher module (``dist_forward_stats`` / ``dist_backward``) of a fused backend."""
+    if backend == "torch":
+        return torch_backend
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "backend='triton' on CPU tensors needs the Triton interpreter (set TRITON_INTERPRET=1 before "
+            "triton is imported); use backend='torch' or 'auto' for CPU tensors"
+        )
+    from kernels import dist_loss
+
+    return dist_loss
+
+
+@torch.library.custom_op("fastdist::dist_loss_fwd", mutates_args=())
+def dist_loss_fwd(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None,
+    tau: float,
+    beta: float,
+    gamma: float,
+    backend: str,
+    intra_sync: bool,
+    group: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss (0-d), col_coef (5, C), row_coef (1,) of the fused backends."""
+    row_stats, col_stats = _backend_module(backend, student.device).dist_forward_stats(
+        student, teacher, tau, mask
+    )
+    world = 1
+    if intra_sync:
+        row_stats, col_stats, world = sync.all_gather_merge(row_stats, col_stats, group)
+    dtype = stats.output_dtype(student, teacher)
+    loss, col_coef, row_coef = stats.coefficients(row_stats, col_stats, beta, gamma, tau, world, dtype)
+    return loss.to(dtype), col_coef, row_coef
+
+
+@dist_loss_fwd.register_fake
+def _fwd_fake(student: Tensor, teacher: Tensor, *_args: object) -> tuple[Tensor, Tensor, Tensor]:
+    dtype = stats.output_dtype(student, teacher)
+    return (
+        student.new_empty((), dtype=dtype),
+        student.new_empty((5, student.shape[1]), dtype=dtype),
+        student.new_empty((1,), dtype=dtype),
+    )
+
+
+@torch.library.custom_op("fastdist::dist_loss_bwd", mutates_args=())
+def dist_loss_bwd(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None,
+    col_coef: Tensor,
+    row_coef: Tensor,
+    grad_out: Tensor,
+    tau: float,
+    backend: str,
+    need_student: bool,
+    need_teacher: bool,
+) -> tuple[Tensor, Tensor]:
+    """Closed-form gradients w.r.t. student and teacher, each in its input's dtype and strides."""
+    d_student, d_teacher = _backend_module(backend, student.device).dist_backward(
+        student, teacher, tau, mask, col_coef, row_coef, grad_out, need_student, need_teacher
+    )
+    return _or_empty(d_student, student), _or_empty(d_teacher, teacher)
+
+
+def _or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if grad is None else grad
+
+
+@dist_loss_bwd.register_fake
+def _bwd_fake(student: Tensor, teacher: Tensor, *args: object) -> tuple[Tensor, Tensor]:
+    need_student, need_teacher = args[-2:]
+    grad_s = torch.empty_like(student) if need_student else student.new_empty(0)
+    grad_t = torch.empty_like(teacher) if need_teacher else teacher.new_empty(0)
+    return grad_s, grad_t
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    student, teacher, mask, tau, _beta, _gamma, backend, _sync, _group = inputs
+    _, col_coef, row_coef = output
+    ctx.save_for_backward(student, teacher, mask, col_coef, row_coef)
+    ctx.tau, ctx.backend = tau, backend
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, _gc: Tensor, _gr: Tensor) -> tuple:
+    student, teacher, mask, col_coef, row_coef = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    d_student, d_teacher = dist_loss_bwd(
+        student, teacher, mask, col_coef, row_coef, grad_loss, ctx.tau, ctx.backend, need_s, need_t
+    )
+    return (d_student if need_s else None, d_teacher if need_t else None) + (None,) * 7
+
+
+dist_loss_fwd.register_autograd(_backward, setup_context=_setup_context)

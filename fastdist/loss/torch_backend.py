@@ -1,0 +1,182 @@
+"""The ``torch`` backend: the fused kernels' forward statistics and closed-form backward in PyTorch ops.
+
+Same launcher signatures as ``kernels.dist_loss`` (``dist_forward_stats`` / ``dist_backward``), so the
+front-end treats both backends alike. Runs on any device and dtype.
+
+Layout: an input is viewed, without a copy, as ``(B, C, L)`` -- ``x.flatten(2)`` for 4-D input (NCHW
+or channels-last) and ``x.t()[None]`` for 2-D ``(N, C)`` -- so row ``n = b * L + l`` and the class axis
+is dim 1. The rows are processed in pieces of about ``_PIECE_ELEMS / C`` rows to bound the
+temporaries; the math runs in float32 (float64 for float64 input).
+
+Forward, per piece (kept rows only, masked out with ``torch.where``, no host sync)::
+
+    p = softmax(S / tau), q = softmax(T / tau)          over classes
+    a = p - mean_c(p), b = q - mean_c(q)                row-centred
+    r_i = <a_i, b_i> / (||a_i|| * ||b_i|| + 1e-8)       summed in float64
+    column mean, M2 and co-moment of the piece in two passes (centred), then merged in float64
+    into the running statistics with the exact Chan merge (``stats.merge_stats``).
+
+Backward, per piece, recomputing p, q, a, b (nothing N x C is saved)::
+
+    G = w_row * (b / D_i - <a,b> * ||b|| / (||a|| * D_i^2) * a) + kB * B - kA_s * A
+    H = w_row * (a / D_i - <a,b> * ||a|| / (||b|| * D_i^2) * b) + kB * A - kA_t * B
+    dS = grad_out / tau * p * (G - sum_c p * G),   dT likewise with q, H;   masked rows 0
+
+with ``A = p - mu_p``, ``B = q - mu_q`` from ``col_coef`` (global column means).
+"""
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from .stats import EPS, merge_stats
+
+# elements of one (rows x C) piece: bounds the float32 temporaries (~10 pieces live) while keeping
+# the per-piece launch overhead small on GPUs
+_PIECE_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 24}
+RowTerms = tuple[Tensor, Tensor, Tensor, Tensor]  # <a, b>, ||a||, ||b||, D per row
+
+
+def _as_bcl(x: Tensor) -> Tensor:
+    """View (N, C) or (B, C, H, W) as (B, C, L) without copying."""
+    return x.t().unsqueeze(0) if x.dim() == 2 else x.flatten(2)
+
+
+def _pieces(x3: Tensor) -> Iterator[tuple[slice, slice]]:
+    """(batch slice, position slice) pieces covering (B, L) in row order, ~_PIECE_ELEMS elements each."""
+    batch, num_classes, length = x3.shape
+    rows = max(1, _PIECE_ELEMS.get(x3.device.type, 1 << 22) // num_classes)
+    if length >= rows:
+        for b in range(batch):
+            for start in range(0, length, rows):
+                yield slice(b, b + 1), slice(start, min(length, start + rows))
+    else:
+        per = rows // length
+        for start in range(0, batch, per):
+            yield slice(start, min(batch, start + per)), slice(0, length)
+
+
+def _compute_dtype(student: Tensor, teacher: Tensor) -> torch.dtype:
+    """float32, or float64 when an input is float64."""
+    return torch.promote_types(torch.promote_types(student.dtype, teacher.dtype), torch.float32)
+
+
+def _probs(x: Tensor, tau: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Softmax over dim 1 and its row-centred copy."""
+    p = torch.softmax(x.to(dtype) / tau, dim=1)
+    return p, p - p.mean(1, keepdim=True)
+
+
+def _row_terms(a: Tensor, b: Tensor) -> RowTerms:
+    """<a, b>, ||a||, ||b||, D = ||a|| ||b|| + eps per row (dim 1 reduced, kept)."""
+    ab = (a * b).sum(1, keepdim=True)
+    n_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
+    n_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    return ab, n_a, n_b, n_a * n_b + EPS
+
+
+def _piece_col_stats(p: Tensor, q: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Count (float64 0-d) and (5, C) float64 column statistics of one piece, two-pass centred."""
+    dims = (0, 2)
+    if keep is None:
+        count = torch.full((), p.shape[0] * p.shape[2], dtype=torch.float64, device=p.device)
+        mu_p, mu_q = p.mean(dims, keepdim=True), q.mean(dims, keepdim=True)
+        a, b = p - mu_p, q - mu_q
+    else:
+        count = keep.sum(dtype=torch.float64)
+        inv = 1 / count.clamp_min(1).to(p.dtype)
+        p, q = torch.where(keep, p, 0), torch.where(keep, q, 0)
+        mu_p, mu_q = p.sum(dims, keepdim=True) * inv, q.sum(dims, keepdim=True) * inv
+        a, b = torch.where(keep, p - mu_p, 0), torch.where(keep, q - mu_q, 0)
+    sums = [mu_p.flatten(), mu_q.flatten(), (a * a).sum(dims), (b * b).sum(dims), (a * b).sum(dims)]
+    return count, torch.stack(sums).double()
+
+
+def _piece_keep(mask3: Tensor | None, bs: slice, ls: slice) -> Tensor | None:
+    """The piece's keep-mask as (b, 1, l) bool, or None."""
+    return None if mask3 is None else mask3[bs, ls].unsqueeze(1)
+
+
+def dist_forward_stats(
+    student: Tensor, teacher: Tensor, tau: float, mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(row_stats (2,), col_stats (5, C))`` float64 over the kept rows (see ``stats``)."""
+    s3, t3 = _as_bcl(student), _as_bcl(teacher)
+    batch, num_classes, length = s3.shape
+    mask3 = None if mask is None else mask.view(batch, length)
+    dtype = _compute_dtype(student, teacher)
+    row = torch.zeros(2, dtype=torch.float64, device=student.device)
+    col = torch.zeros(5, num_classes, dtype=torch.float64, device=student.device)
+    for bs, ls in _pieces(s3):
+        p, a = _probs(s3[bs, :, ls], tau, dtype)
+        q, b = _probs(t3[bs, :, ls], tau, dtype)
+        ab, _, _, den = _row_terms(a, b)
+        r = ab / den
+        keep = _piece_keep(mask3, bs, ls)
+        if keep is not None:
+            r = torch.where(keep, r, 0)
+        count, piece_col = _piece_col_stats(p, q, keep)
+        piece_row = torch.stack([r.sum(dtype=torch.float64), count])
+        row, col = merge_stats(row, col, piece_row, piece_col)
+    return row, col
+
+
+def _grad_probs(
+    a: Tensor,
+    b: Tensor,
+    terms: RowTerms,
+    big_a: Tensor,
+    big_b: Tensor,
+    k_b: Tensor,
+    k_a: Tensor,
+    w_row: Tensor,
+) -> Tensor:
+    """dL/dp of one piece; dL/dq with the roles of (a, ||a||, A) and (b, ||b||, B) swapped."""
+    ab, n_a, n_b, den = terms
+    safe_na = torch.where(n_a > 0, n_a, 1)
+    coef_a = torch.where(n_a > 0, ab * n_b / (safe_na * den * den), 0)
+    return w_row * (b / den - coef_a * a) + k_b * big_b - k_a * big_a
+
+
+def _softmax_backward(p: Tensor, grad_p: Tensor, scale: Tensor, keep: Tensor | None) -> Tensor:
+    """scale * dL/dx from dL/dp through softmax; rows outside ``keep`` get 0."""
+    grad_x = p * (grad_p - (p * grad_p).sum(1, keepdim=True)) * scale
+    return grad_x if keep is None else torch.where(keep, grad_x, 0)
+
+
+def dist_backward(
+    student: Tensor,
+    teacher: Tensor,
+    tau: float,
+    mask: Tensor | None,
+    col_coef: Tensor,
+    row_coef: Tensor,
+    grad_out: Tensor,
+    need_student: bool,
+    need_teacher: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients w.r.t. student/teacher (or None when not needed), in each input's dtype and strides."""
+    s3, t3 = _as_bcl(student), _as_bcl(teacher)
+    batch, num_classes, length = s3.shape
+    mask3 = None if mask is None else mask.view(batch, length)
+    dtype = _compute_dtype(student, teacher)
+    coef = col_coef.to(dtype).view(5, 1, num_classes, 1)
+    mu_p, mu_q, k_b, k_as, k_at = coef.unbind(0)
+    w_row = row_coef.to(dtype)
+    scale = grad_out.to(dtype) / tau
+    d_student = torch.empty_like(student) if need_student else None
+    d_teacher = torch.empty_like(teacher) if need_teacher else None
+    for bs, ls in _pieces(s3):
+        p, a = _probs(s3[bs, :, ls], tau, dtype)
+        q, b = _probs(t3[bs, :, ls], tau, dtype)
+        big_a, big_b = p - mu_p, q - mu_q
+        keep = _piece_keep(mask3, bs, ls)
+        ab, n_a, n_b, den = _row_terms(a, b)
+        if d_student is not None:
+            grad_p = _grad_probs(a, b, (ab, n_a, n_b, den), big_a, big_b, k_b, k_as, w_row)
+            _as_bcl(d_student)[bs, :, ls] = _softmax_backward(p, grad_p, scale, keep)
+        if d_teacher is not None:
+            grad_q = _grad_probs(b, a, (ab, n_b, n_a, den), big_b, big_a, k_b, k_at, w_row)
+            _as_bcl(d_teacher)[bs, :, ls] = _softmax_backward(q, grad_q, scale, keep)
+    return d_student, d_teacher
