@@ -1,0 +1,394 @@
+"""Training-loader benchmark: images/s of ``fastdist.data.build_loader`` (DALI vs torch) on full-resolution
+synthetic Cityscapes PNGs, for several CPU thread / worker counts.
+
+Per (backend, threads): images/s over the timed batches in steady state (after a warm-up that drains
+the initial prefetch burst; on CUDA each batch is synchronised before it counts as delivered) and the CPU
+cores used (CPU seconds of this process and all its descendants, from /proc, over the wall time).
+
+* decode share. torch backend: single-core PIL decode time of an image + label pair over the CPU time the
+  loader spends per image. DALI: the loader's images/s over the images/s of a DALI pipeline that only reads
+  and decodes the same PNGs with the same thread count (``mixed`` decoders on a GPU).
+* GPU augmentation share (CUDA, ``--with-step``): device time of the loader's own kernels per batch
+  (torch.profiler, all CUDA kernels of the process while only the loader runs, memcpy excluded) over that
+  time plus the measured KD step time.
+* data wait (``--with-step``): the KD training step of train_bench.py (configuration ``--step-config``) fed by
+  the loader: time blocked in ``next(loader)`` over the iteration time (synchronised each step), at the
+  recipe's batch.
+
+A backend that cannot be imported (e.g. no DALI) is written as "not available: <reason>".
+Writes ``loader.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import common
+
+BACKENDS = ["dali", "torch"]
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU accounting
+# --------------------------------------------------------------------------------------------------
+def process_tree_cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds of ``pid`` (default: this process) and all its live descendants."""
+    pid = os.getpid() if pid is None else pid
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the ")": state ppid ... utime (14th field overall) stime (15th)
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    total, stack = 0.0, [pid]
+    while stack:
+        p = stack.pop()
+        total += cpu.get(p, 0.0)
+        stack += children.get(p, [])
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+def ensure_dataset(args: argparse.Namespace) -> Path:
+    """``--root`` when given, else a synthetic Cityscapes tree generated (once) under ``--data-dir``."""
+    if args.root:
+        return Path(args.root)
+    h, w = args.image_size
+    root = Path(args.data_dir) / f"synthetic-{args.num_images}-{h}x{w}"
+    if not (root / "train.lst").exists():
+        cmd = [sys.executable, "-m", "fastdist.data.synthetic", str(root), "--train", str(args.num_images),
+               "--val", "0", "--size", str(h), str(w), "--workers", str(min(8, os.cpu_count() or 1))]
+        path = os.pathsep.join([str(common.ROOT), os.environ.get("PYTHONPATH", "")])
+        env = {**os.environ, "PYTHONPATH": path}
+        print(f"[loader_bench] generating {args.num_images} synthetic images {h}x{w} in {root}", flush=True)
+        subprocess.run(cmd, check=True, env=env, cwd=common.ROOT)
+    return root
+
+
+def backend_available(backend: str) -> str | None:
+    """None when the backend can be used, else the reason it cannot."""
+    if backend == "dali":
+        try:
+            import nvidia.dali  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return f"not available: {type(exc).__name__}: {exc}"
+    return None
+
+
+def make_loader(root: Path, backend: str, threads: int, iterations: int, args: argparse.Namespace,
+                device: str) -> Any:
+    from fastdist.data import build_loader
+
+    return build_loader(root, "train", args.batch, crop_size=tuple(args.crop), backend=backend, device=device,
+                        num_threads=threads, max_iterations=iterations, seed=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------
+def window(args: argparse.Namespace, threads: int) -> tuple[int, int]:
+    """(warm-up, timed) batch counts. All workers start together and the torch DataLoader keeps up to
+    4 batches per worker in flight, so the warm-up drains that initial burst (4 x threads + 2 batches)
+    and the timed window spans at least 5 batches per worker; otherwise batches prepared before the
+    window would be counted in it."""
+    return args.warmup + 4 * threads + 2, max(args.batches, 5 * threads)
+
+
+def throughput(root: Path, backend: str, threads: int, args: argparse.Namespace,
+               device: str) -> dict[str, Any]:
+    """images/s and CPU cores used of one loader configuration, in steady state."""
+    warmup, batches = window(args, threads)
+    loader = make_loader(root, backend, threads, warmup + batches, args, device)
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    common.synchronize(device)
+    cpu0, t0 = process_tree_cpu_s(), time.perf_counter()
+    for _ in range(batches):
+        images, _labels = next(it)
+        common.synchronize(device)
+    wall = time.perf_counter() - t0
+    cpu = process_tree_cpu_s() - cpu0
+    n_images = batches * args.batch
+    shape = list(images.shape)
+    del it, loader, images, _labels
+    gc.collect()
+    return {"status": "ok", "images_per_s": n_images / wall, "wall_s": wall, "images": n_images,
+            "cpu_cores_used": cpu / wall, "cpu_ms_per_image": cpu * 1e3 / n_images, "batch_shape": shape}
+
+
+def decode_ms_per_image(root: Path, count: int) -> float:
+    """Single-core wall time (ms) to decode one image + label pair with the torch backend's PIL readers."""
+    from fastdist.data import list_pairs
+    from fastdist.data.torch_loader import read_image_bgr, read_train_ids
+
+    pairs = list_pairs(root, "train")[:count]
+    t0 = time.perf_counter()
+    for pair in pairs:
+        read_image_bgr(pair.image)
+        read_train_ids(pair.label)
+    return (time.perf_counter() - t0) * 1e3 / len(pairs)
+
+
+def dali_decode_images_per_s(root: Path, threads: int, args: argparse.Namespace, device: str) -> float:
+    """images/s of a DALI pipeline that only reads and decodes the image + label PNGs (same threads)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from fastdist.data import list_pairs
+
+    pairs = list_pairs(root, "train")
+    gpu = device.startswith("cuda")
+    device_id = (int(device.split(":")[1]) if ":" in device else 0) if gpu else None
+    decoder = "mixed" if gpu else "cpu"
+
+    @pipeline_def(batch_size=args.batch, num_threads=threads, device_id=device_id, seed=0)
+    def decode_only() -> Any:
+        image, _ = fn.readers.file(files=[p.image for p in pairs], name="images")
+        label, _ = fn.readers.file(files=[p.label for p in pairs])
+        return (fn.decoders.image(image, device=decoder, output_type=types.BGR),
+                fn.decoders.image(label, device=decoder, output_type=types.GRAY))
+
+    pipe = decode_only()
+    pipe.build()
+    for _ in range(args.warmup):
+        pipe.run()
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        outputs = pipe.run()
+        if gpu:
+            outputs[0].as_cpu()  # waits for the decoded batch
+    rate = args.batches * args.batch / (time.perf_counter() - t0)
+    del pipe
+    return rate
+
+
+def add_decode_share(row: dict[str, Any], root: Path, args: argparse.Namespace, device: str,
+                     pil_decode_ms: float) -> None:
+    """torch: PIL decode CPU time over the loader's CPU time per image. DALI: images/s of the full loader
+    over images/s of a decode-only DALI pipeline with the same threads (the decode's share of the time)."""
+    if row["backend"] == "torch":
+        row["decode_share"] = pil_decode_ms / row["cpu_ms_per_image"]
+        row["decode_share_method"] = "PIL decode CPU ms / loader CPU ms per image"
+        return
+    try:
+        rate = dali_decode_images_per_s(root, row["threads"], args, device)
+    except Exception as exc:  # noqa: BLE001 - the throughput row stays valid
+        traceback.print_exc()
+        row["decode_share_status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        return
+    row.update(decode_only_images_per_s=rate, decode_share=row["images_per_s"] / rate,
+               decode_share_method="loader images/s / decode-only DALI pipeline images/s")
+
+
+def loader_gpu_ms_per_batch(root: Path, backend: str, threads: int, args: argparse.Namespace,
+                            device: str) -> float:
+    """Device time (ms) of the CUDA kernels the loader launches per batch (memcpy/memset excluded)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 4
+    loader = make_loader(root, backend, threads, args.warmup + n, args, device)
+    it = iter(loader)
+    for _ in range(args.warmup):
+        next(it)
+    # torch launches a batch's GPU work when it is taken; DALI runs ahead, but in steady state the window
+    # holds about n batches of its GPU work as well.
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            next(it)
+        torch.cuda.synchronize(device)
+    del it, loader
+    total_us = sum(e.self_device_time_total for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not e.name.lower().startswith(("memcpy", "memset")))
+    return total_us / 1e3 / n
+
+
+def data_wait(root: Path, backend: str, threads: int, args: argparse.Namespace, device: str,
+              step: Callable[[Any, Any], Any]) -> dict[str, Any]:
+    """KD steps fed by the loader: fraction of the iteration time spent waiting for data."""
+    warmup, steps = window(args, threads)[0], args.step_iters  # warm-up past the prefetched batches
+    loader = make_loader(root, backend, threads, warmup + steps, args, device)
+    it = iter(loader)
+    for _ in range(warmup):
+        step(*next(it))
+    common.synchronize(device)
+    waited, t_start = 0.0, time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        images, labels = next(it)
+        waited += time.perf_counter() - t0
+        step(images, labels)
+        common.synchronize(device)
+    total = time.perf_counter() - t_start
+    del it, loader
+    return {"data_wait_frac": waited / total, "iter_ms": total * 1e3 / steps,
+            "data_wait_ms": waited * 1e3 / steps}
+
+
+def build_step(args: argparse.Namespace, device: str) -> tuple[Callable[[Any, Any], Any], float]:
+    """The KD training step of train_bench.py (configuration ``--step-config``) and its time on fixed data."""
+    import train_bench
+
+    targs = train_bench.parse_args(["--device", device] + (["--quick"] if args.quick else []))
+    configs = {c.name: c for c in train_bench.ablation("triton" if device.startswith("cuda") else "torch")}
+    cfg = configs[args.step_config]
+    train_bench.configure_backends(device)
+    teacher, student = train_bench.build_models(targs, device)
+    step = train_bench.make_step(teacher, student, cfg, device, targs.lr)
+    images, labels = train_bench.make_batch(args.batch, tuple(args.crop), targs.num_classes, device,
+                                            cfg.channels_last)
+    timing, _ = train_bench.time_steps(step, images, labels, device, warmup=targs.warmup, steps=targs.steps)
+    return step, timing.median_ms
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (batches' device)")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>/)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 8 images of 128x256, crop 64x128 (with --with-step: train_bench --quick)")
+    p.add_argument("--root", default=None, help="an existing Cityscapes tree (default: synthetic)")
+    p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "fastdist-loader-bench"),
+                   help="where the synthetic set is generated (reused when present)")
+    p.add_argument("--num-images", type=int, default=32)
+    p.add_argument("--image-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
+    p.add_argument("--crop", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=2, help="per-GPU batch (the recipe's is 2)")
+    p.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
+    p.add_argument("--threads", type=int, nargs="+", default=[2, 4, 8],
+                   help="DALI CPU threads / torch DataLoader workers")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up batches")
+    p.add_argument("--batches", type=int, default=30, help="timed batches")
+    p.add_argument("--with-step", action="store_true", help="also data wait and GPU augmentation share")
+    p.add_argument("--step-config", default="+fused_loss", help="train_bench configuration of the KD step")
+    p.add_argument("--step-threads", type=int, default=8, help="threads for the data-wait / GPU-share runs")
+    p.add_argument("--step-iters", type=int, default=20)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; rows left when it runs out are written as 'skipped: time budget'")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.num_images, args.image_size, args.crop = 8, [128, 256], [64, 128]
+        args.threads, args.warmup, args.batches, args.step_iters = [1, 2], 1, 4, 3
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON document (also written to disk)."""
+    device = common.resolve_device(args.device)
+    env = common.capture_env(device)
+    out_dir = common.default_out_dir(env, args.out)
+    budget = common.Budget(args.time_budget)
+    t_start = time.perf_counter()
+    root = ensure_dataset(args)
+    rows: list[dict[str, Any]] = []
+    for backend in args.backends:
+        reason = backend_available(backend)
+        for threads in args.threads:
+            row: dict[str, Any] = {"backend": backend, "threads": threads, "batch": args.batch}
+            if reason or budget.exhausted():
+                rows.append({**row, "status": reason or "skipped: time budget"})
+                continue
+            print(f"[loader_bench] {backend} threads={threads}", flush=True)
+            try:
+                row.update(throughput(root, backend, threads, args, device))
+            except Exception as exc:  # noqa: BLE001 - report, do not crash the whole benchmark
+                traceback.print_exc()
+                row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+    decode = {"status": "ok", "decode_ms_per_image": decode_ms_per_image(root, min(8, args.num_images)),
+              "method": "PIL, one core, image + label"}
+    for row in rows:
+        if row.get("status") == "ok":
+            add_decode_share(row, root, args, device, decode["decode_ms_per_image"])
+    step_rows = run_step_part(root, args, device, budget) if args.with_step else []
+    doc = {
+        "benchmark": "loader",
+        "env": env,
+        "config": {"quick": args.quick, "image_size": args.image_size, "crop": args.crop, "batch": args.batch,
+                   "num_images": args.num_images, "warmup": args.warmup, "batches": args.batches,
+                   "dataset": str(root), "with_step": args.with_step, "step_config": args.step_config,
+                   "cpu_cores_available": env["cpu_affinity"], "wall_s": time.perf_counter() - t_start},
+        "decode": decode,
+        "results": rows,
+        "step": step_rows or common.NOT_MEASURED,
+        "targets": evaluate_targets(step_rows, env["is_cuda"], args),
+    }
+    common.write_json(out_dir / "loader.json", doc)
+    print(f"[loader_bench] wrote {out_dir}/loader.json in {doc['config']['wall_s']:.1f}s")
+    return doc
+
+
+def run_step_part(root: Path, args: argparse.Namespace, device: str,
+                  budget: common.Budget) -> list[dict[str, Any]]:
+    """Data wait and GPU augmentation share per backend, with the KD step fed by the loader."""
+    try:
+        step, step_ms = build_step(args, device)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        return [{"status": f"error: {type(exc).__name__}: {str(exc)[:200]}"}]
+    out = []
+    for backend in args.backends:
+        row: dict[str, Any] = {"backend": backend, "threads": args.step_threads, "batch": args.batch,
+                               "step_config": args.step_config, "step_ms_fixed_data": step_ms}
+        reason = backend_available(backend) or ("skipped: time budget" if budget.exhausted() else None)
+        if reason:
+            out.append({**row, "status": reason})
+            continue
+        print(f"[loader_bench] data wait: {backend} threads={args.step_threads}", flush=True)
+        try:
+            row.update(status="ok", **data_wait(root, backend, args.step_threads, args, device, step))
+            if device.startswith("cuda"):
+                gpu_ms = loader_gpu_ms_per_batch(root, backend, args.step_threads, args, device)
+                row.update(loader_gpu_ms_per_batch=gpu_ms, gpu_aug_share=gpu_ms / (gpu_ms + step_ms))
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        out.append(row)
+    return out
+
+
+def evaluate_targets(step_rows: list[dict[str, Any]], is_cuda: bool, args: argparse.Namespace) -> list[dict]:
+    """Issue target: the DALI loader keeps the step fed (data wait < 5%) at batch 2 with 8 threads."""
+    row = next((r for r in step_rows if r.get("backend") == "dali" and r.get("status") == "ok"), None)
+    value = row.get("data_wait_frac") if row else None
+    if not is_cuda:
+        status = "not applicable (CPU run)"
+    elif value is None or args.batch != 2 or args.step_threads != 8:
+        status = common.NOT_MEASURED  # (the target is defined at batch 2 with 8 threads)
+    else:
+        status = "pass" if value < 0.05 else "fail"
+    case = f"batch {args.batch}, {args.step_threads} threads"
+    return [{"target": "DALI data wait / step time", "case": case,
+             "field": "data_wait_frac", "op": "<", "threshold": 0.05, "value": value, "status": status}]
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

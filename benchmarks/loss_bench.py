@@ -1,0 +1,450 @@
+"""DIST loss benchmark: reference vs reference+compile vs fastdist's torch and Triton backends.
+
+Providers
+  reference          the published formula, eager (``fastdist.loss.reference.dist_loss_reference``)
+  reference+compile  ``torch.compile`` of that formula (a fresh compile per case, ``dynamic=False``)
+  torch              fastdist's analytic PyTorch backend (``fastdist.dist_loss(..., backend="torch")``)
+  triton             fastdist's fused Triton kernels (``backend="triton"``; GPU only: under the CPU
+                     interpreter it is listed as "skipped: interpreter", never timed)
+Modes
+  fwd          forward with autograd recording (what a training step runs)
+  fwd_nograd   forward under ``torch.no_grad()``
+  bwd          ``torch.autograd.grad`` of a retained graph (backward only)
+  fwd+bwd      forward then ``torch.autograd.grad`` (gradient w.r.t. the student only, as in KD)
+
+Per case: median and p20/p80 time, effective bandwidth (``bytes_moved / median``) and its fraction of the
+device's peak, peak memory over the inputs (CUDA only), relative error of the loss (and gradient) against a
+float64 evaluation of the reference formula, and speed-ups against reference and reference+compile computed
+from the medians of the same case.
+
+``bytes_moved`` is the traffic the fused two-pass algorithm cannot avoid, the same for every provider:
+fwd = read S and T; bwd = read S and T, write dS; fwd+bwd = both (the column statistics need every row
+before any gradient can be formed, so S and T are read twice).
+
+Writes ``loss.csv``, ``loss.json`` (with the environment and the target checks) and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import common
+
+PROVIDERS = ["reference", "reference+compile", "torch", "triton"]
+MODES = ["fwd", "fwd_nograd", "bwd", "fwd+bwd"]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+SHAPES: dict[str, tuple[int, ...]] = {
+    "recipe-b2": (2, 19, 64, 128),
+    "recipe-b8": (8, 19, 64, 128),
+    "fullres-b2": (2, 19, 512, 1024),
+    "ade20k-b8": (8, 150, 64, 64),
+    "cls-256": (256, 1000),
+    "cls-1024": (1024, 1000),
+}
+# Cases that the targets are checked on run first, so that a time budget never cuts them.
+PRIORITY = [("recipe-b8", "bf16", "nchw"), ("fullres-b2", "bf16", "nchw"), ("fullres-b2", "fp32", "nchw"),
+            ("recipe-b8", "fp32", "nchw"), ("recipe-b2", "bf16", "nchw")]
+QUICK_CASES = [("recipe-b2", "fp32", "nchw"), ("recipe-b2", "bf16", "nhwc"), ("cls-256", "fp32", "rows")]
+# The quick run compiles reference+compile on its first case only (compiling on 2 CPU cores is slow).
+QUICK_COMPILE_CASES = 1
+
+CSV_FIELDS = ["shape_name", "shape", "dtype", "layout", "mode", "provider", "status", "median_ms", "p20_ms",
+              "p80_ms", "reps", "bytes_moved", "gbps", "bw_frac_peak", "peak_extra_bytes",
+              "mem_frac_reference", "speedup_vs_reference", "speedup_vs_compile", "loss_rel_err",
+              "grad_rel_err", "first_calls_s"]
+
+
+@dataclass(frozen=True)
+class Case:
+    shape_name: str
+    shape: tuple[int, ...]
+    dtype: str  # "fp32" | "bf16"
+    layout: str  # "nchw" | "nhwc" | "rows"
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.shape_name, self.dtype, self.layout)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases and providers
+# --------------------------------------------------------------------------------------------------
+def all_cases(shapes: list[str], dtypes: list[str], layouts: list[str]) -> list[Case]:
+    """Every (shape, dtype, layout) combination, priority cases first. 2-D shapes only use ``rows``."""
+    cases = []
+    for name in shapes:
+        shape = SHAPES[name]
+        valid = ["rows"] if len(shape) == 2 else [lay for lay in ("nchw", "nhwc") if lay in layouts]
+        for dtype in dtypes:
+            for layout in valid:
+                cases.append(Case(name, shape, dtype, layout))
+    rank = {key: i for i, key in enumerate(PRIORITY)}
+    return sorted(cases, key=lambda c: rank.get(c.key, len(rank)))
+
+
+def quick_cases() -> list[Case]:
+    return [Case(n, SHAPES[n], d, lay) for n, d, lay in QUICK_CASES]
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> tuple[Any, Any]:
+    """Student and teacher logits of the case (student requires grad)."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = getattr(torch, DTYPES[case.dtype])
+    s = (torch.randn(case.shape, generator=gen) * 2.0).to(device=device, dtype=dtype)
+    t = (torch.randn(case.shape, generator=gen) * 2.0).to(device=device, dtype=dtype)
+    if case.layout == "nhwc":
+        s = s.contiguous(memory_format=torch.channels_last)
+        t = t.contiguous(memory_format=torch.channels_last)
+    return s.requires_grad_(True), t
+
+
+def bytes_moved(case: Case, mode: str) -> int:
+    """Bytes the fused two-pass algorithm must move in ``mode`` (see the module docstring)."""
+    elem = 4 if case.dtype == "fp32" else 2
+    one = math.prod(case.shape) * elem
+    return {"fwd": 2 * one, "fwd_nograd": 2 * one, "bwd": 3 * one, "fwd+bwd": 5 * one}[mode]
+
+
+def provider_fn(provider: str, compile_mode: str) -> Callable[[Any, Any], Any]:
+    """The loss callable ``f(student, teacher) -> loss`` of a provider (beta = gamma = tau = 1)."""
+    if provider in ("reference", "reference+compile"):
+        from fastdist.loss.reference import dist_loss_reference
+
+        def ref(s: Any, t: Any) -> Any:
+            return dist_loss_reference(s, t, beta=1.0, gamma=1.0, tau=1.0)
+
+        if provider == "reference":
+            return ref
+        import torch
+
+        torch._dynamo.reset()  # fresh graphs per case: no recompile limit, no automatic dynamic shapes
+        return torch.compile(ref, dynamic=False, mode=None if compile_mode == "default" else compile_mode)
+
+    import fastdist
+
+    backend = {"torch": "torch", "triton": "triton"}[provider]
+    return lambda s, t: fastdist.dist_loss(s, t, beta=1.0, gamma=1.0, tau=1.0, backend=backend)
+
+
+def mode_fn(f: Callable[[Any, Any], Any], mode: str, s: Any, t: Any) -> tuple[Callable[..., Any], Any]:
+    """``(fn, setup)`` of a mode: the timed call is ``fn()``, or ``fn(setup())`` with only ``fn`` timed."""
+    import torch
+
+    if mode == "fwd":
+        return (lambda: f(s, t)), None
+    if mode == "fwd_nograd":
+
+        def nograd() -> Any:
+            with torch.no_grad():
+                return f(s, t)
+
+        return nograd, None
+    if mode == "bwd":  # a fresh graph per call (compiled backward graphs may not be retained)
+        return (lambda loss: torch.autograd.grad(loss, s)), (lambda: f(s, t))
+    if mode == "fwd+bwd":
+        return (lambda: torch.autograd.grad(f(s, t), s)), None
+    raise ValueError(mode)
+
+
+def skip_reason(provider: str, device: str) -> str | None:
+    """Why a provider cannot be timed on this device, or None."""
+    if provider == "triton" and not device.startswith("cuda"):
+        return "skipped: interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "skipped: no GPU"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Accuracy
+# --------------------------------------------------------------------------------------------------
+def truth(s: Any, t: Any) -> tuple[float, Any]:
+    """Loss and student gradient of the reference formula evaluated in float64."""
+    import torch
+
+    from fastdist.loss.reference import dist_loss_reference
+
+    s64 = s.detach().double().requires_grad_(True)
+    loss = dist_loss_reference(s64, t.detach().double(), beta=1.0, gamma=1.0, tau=1.0)
+    (grad,) = torch.autograd.grad(loss, s64)
+    return float(loss.detach()), grad
+
+
+def accuracy(f: Callable[[Any, Any], Any], s: Any, t: Any, ref: tuple[float, Any] | None) -> dict[str, Any]:
+    """Relative error of the loss and the gradient against the float64 reference."""
+    import torch
+
+    if ref is None:
+        return {}
+    loss = f(s, t)
+    (grad,) = torch.autograd.grad(loss, s)
+    loss_err = abs(float(loss.detach()) - ref[0]) / max(abs(ref[0]), 1e-12)
+    grad_err = float((grad.double() - ref[1]).norm() / ref[1].norm().clamp_min(1e-30))
+    return {"loss_rel_err": loss_err, "grad_rel_err": grad_err}
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------
+def error_status(exc: BaseException) -> str:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "oom"
+    return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def measure_mode(f: Callable[[Any, Any], Any], mode: str, case: Case, s: Any, t: Any, device: str,
+                 peak: common.DevicePeak | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Time one mode of one provider and measure its peak extra memory."""
+    fn, setup = mode_fn(f, mode, s, t)
+    timing = common.time_fn(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, setup=setup)
+    moved = bytes_moved(case, mode)
+    gbps = moved / (timing.median_ms * 1e-3) / 1e9
+    return {
+        "status": "ok", "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms,
+        "reps": timing.reps, "bytes_moved": moved, "gbps": gbps,
+        "bw_frac_peak": gbps * 1e9 / peak.mem_bw_bytes_s if peak else None,
+        "peak_extra_bytes": common.peak_extra_memory(fn, device, setup=setup),
+    }
+
+
+def first_calls(f: Callable[[Any, Any], Any], s: Any, t: Any, device: str) -> float:
+    """Seconds of the first forward+backward and the first no-grad forward (compiles / autotunes)."""
+    import torch
+
+    t0 = time.perf_counter()
+    torch.autograd.grad(f(s, t), s)
+    with torch.no_grad():
+        f(s, t)
+    common.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def run_provider(provider: str, case: Case, s: Any, t: Any, device: str, ref: tuple[float, Any] | None,
+                 peak: common.DevicePeak | None, args: argparse.Namespace, modes: list[str],
+                 budget: common.Budget, reason: str | None = None) -> list[dict[str, Any]]:
+    """Rows (one per mode) of one provider on one case; failures become status rows, never crashes."""
+    base = {"shape_name": case.shape_name, "shape": "x".join(map(str, case.shape)), "dtype": case.dtype,
+            "layout": case.layout, "provider": provider}
+    reason = reason or skip_reason(provider, device)
+    if reason:
+        return [{**base, "mode": m, "status": reason} for m in modes]
+    try:
+        f = provider_fn(provider, args.compile_mode)
+        acc = {"first_calls_s": first_calls(f, s, t, device), **accuracy(f, s, t, ref)}
+    except Exception as exc:  # noqa: BLE001 - report, do not crash the whole benchmark
+        traceback.print_exc()
+        return [{**base, "mode": m, "status": error_status(exc)} for m in modes]
+    rows = []
+    for mode in modes:
+        if budget.exhausted():
+            rows.append({**base, "mode": mode, "status": "skipped: time budget"})
+            continue
+        try:
+            measured = measure_mode(f, mode, case, s, t, device, peak, args)
+            rows.append({**base, "mode": mode, **measured, **acc})
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({**base, "mode": mode, "status": error_status(exc)})
+        s.grad = None
+    release(device)
+    return rows
+
+
+def release(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Speed-ups and memory ratios against reference / reference+compile of the same case and mode."""
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r["shape_name"], r["dtype"], r["layout"], r["mode"])
+
+    ok = {(key(r), r["provider"]): r for r in rows if r.get("status") == "ok"}
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        ref = ok.get((key(r), "reference"))
+        comp = ok.get((key(r), "reference+compile"))
+        r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"] if ref else None
+        r["speedup_vs_compile"] = comp["median_ms"] / r["median_ms"] if comp else None
+        if ref and ref.get("peak_extra_bytes") and r.get("peak_extra_bytes") is not None:
+            r["mem_frac_reference"] = r["peak_extra_bytes"] / ref["peak_extra_bytes"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets (issue: GPU targets of the fused loss)
+# --------------------------------------------------------------------------------------------------
+def _find(rows: list[dict[str, Any]], shape: str, dtype: str, mode: str,
+          provider: str) -> dict[str, Any] | None:
+    """The measured NCHW row of a case, or None."""
+    want = (shape, dtype, "nchw", mode, provider)
+    for r in rows:
+        if (r["shape_name"], r["dtype"], r["layout"], r["mode"], r["provider"]) == want:
+            return r if r.get("status") == "ok" else None
+    return None
+
+
+def evaluate_targets(rows: list[dict[str, Any]], is_cuda: bool) -> list[dict[str, Any]]:
+    """Check the issue's loss targets from measured rows only; a missing number is "not measured"."""
+    specs = [
+        ("fwd+bwd speed-up vs reference", "recipe-b8", "bf16", "speedup_vs_reference", ">=", 8.0),
+        ("fwd+bwd speed-up vs reference+compile", "recipe-b8", "bf16", "speedup_vs_compile", ">=", 2.0),
+        ("fwd+bwd fraction of peak bandwidth", "fullres-b2", "bf16", "bw_frac_peak", ">=", 0.70),
+        ("fwd+bwd fraction of peak bandwidth", "fullres-b2", "fp32", "bw_frac_peak", ">=", 0.70),
+        ("fwd+bwd peak extra memory / reference's", "fullres-b2", "bf16", "mem_frac_reference", "<=", 0.10),
+        ("fwd+bwd peak extra memory / reference's", "fullres-b2", "fp32", "mem_frac_reference", "<=", 0.10),
+        ("fwd+bwd peak extra memory / reference's", "recipe-b8", "bf16", "mem_frac_reference", "<=", 0.10),
+    ]
+    out = []
+    for name, shape, dtype, field, op, threshold in specs:
+        row = _find(rows, shape, dtype, "fwd+bwd", "triton")
+        value = row.get(field) if row else None
+        if not is_cuda:
+            status = "not applicable (CPU run)"
+        elif value is None:
+            status = common.NOT_MEASURED
+        else:
+            status = "pass" if (value >= threshold if op == ">=" else value <= threshold) else "fail"
+        out.append({"target": name, "case": f"{shape} {dtype} nchw", "provider": "triton", "field": field,
+                    "op": op, "threshold": threshold, "value": value, "status": status})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------------------
+def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> Path | None:
+    """Bar chart of fwd+bwd median time per case and provider (log scale); None without matplotlib."""
+    plt = common.matplotlib_pyplot()
+    if plt is None:
+        return None
+    sel = [r for r in rows if r["mode"] == "fwd+bwd" and r.get("status") == "ok"]
+    cases = list(dict.fromkeys(f"{r['shape_name']}\n{r['dtype']} {r['layout']}" for r in sel))
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in sel)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(cases) + 2), 4.5))
+    width = 0.8 / max(1, len(providers))
+    for i, prov in enumerate(providers):
+        xs, ys = [], []
+        for j, c in enumerate(cases):
+            for r in sel:
+                if r["provider"] == prov and f"{r['shape_name']}\n{r['dtype']} {r['layout']}" == c:
+                    xs.append(j + i * width)
+                    ys.append(r["median_ms"])
+        ax.bar(xs, ys, width=width, label=prov)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("fwd+bwd median time (ms, log)")
+    label = "" if env["is_cuda"] else " (CPU smoke run, not a performance claim)"
+    ax.set_title(f"DIST loss fwd+bwd, {env['device_name']}, {env['date']}{label}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>/)")
+    p.add_argument("--quick", action="store_true", help="a few small cases (CI smoke run, < 1 min on CPU)")
+    p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--layouts", nargs="+", default=["nchw", "nhwc"], choices=["nchw", "nhwc"])
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode of reference+compile (default, max-autotune-no-cudagraphs, ...)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; cases left when it runs out are written as 'skipped: time budget'")
+    p.add_argument("--no-accuracy", action="store_true", help="skip the float64 accuracy check")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.warmup_ms, args.rep_ms = min(args.warmup_ms, 5.0), min(args.rep_ms, 30.0)
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON document (also written to disk)."""
+    device = common.resolve_device(args.device)
+    env = common.capture_env(device)
+    peak = common.lookup_peak(env["device_name"]) if env["is_cuda"] else None
+    out_dir = common.default_out_dir(env, args.out)
+    cases = quick_cases() if args.quick else all_cases(args.shapes, args.dtypes, args.layouts)
+    budget = common.Budget(args.time_budget)
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for index, case in enumerate(cases):
+        print(f"[loss_bench] {case.shape_name} {case.shape} {case.dtype} {case.layout}", flush=True)
+        status = "skipped: time budget" if budget.exhausted() else None
+        s = t = ref = None
+        if status is None:
+            try:
+                s, t = make_inputs(case, device)
+                ref = None if args.no_accuracy else truth(s, t)
+            except Exception as exc:  # noqa: BLE001
+                traceback.print_exc()
+                status, s, t, ref = error_status(exc), None, None, None
+        for provider in args.providers:
+            reason = status
+            if provider == "reference+compile" and args.quick and index >= QUICK_COMPILE_CASES:
+                reason = reason or "skipped: --quick (compiled on the first case only)"
+            rows += run_provider(provider, case, s, t, device, ref, peak, args, args.modes, budget, reason)
+        del s, t, ref
+        release(device)
+        write_results(rows, env, args, out_dir, time.perf_counter() - t_start, final=False)  # survives a kill
+    doc = write_results(rows, env, args, out_dir, time.perf_counter() - t_start, final=True)
+    print(f"[loss_bench] wrote {out_dir}/loss.csv, loss.json in {doc['config']['wall_s']:.1f}s")
+    return doc
+
+
+def write_results(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace, out_dir: Path,
+                  wall_s: float, final: bool) -> dict[str, Any]:
+    """Add the ratios and write loss.csv / loss.json (and, when ``final``, the plot)."""
+    import torch
+
+    add_ratios(rows)
+    doc = {
+        "benchmark": "loss",
+        "env": env,
+        "config": {"quick": args.quick, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
+                   "compile_mode": args.compile_mode, "beta": 1.0, "gamma": 1.0, "tau": 1.0,
+                   "timing": "CUDA events, L2 flushed per call" if env["is_cuda"] else "CPU wall clock",
+                   "bytes_model": "fwd: read S,T; bwd: read S,T + write dS; fwd+bwd: both",
+                   "torch_threads": torch.get_num_threads(), "complete": final, "wall_s": wall_s},
+        "targets": evaluate_targets(rows, env["is_cuda"]),
+        "results": rows,
+    }
+    common.write_csv(out_dir / "loss.csv", rows, CSV_FIELDS)
+    common.write_json(out_dir / "loss.json", doc)
+    if final:
+        plot(rows, env, out_dir / "loss.png")
+    return doc
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Render the README's "Performance" section from the newest benchmark results files.
+
+    python benchmarks/report.py                      # newest GPU results under benchmarks/results/
+    python benchmarks/report.py --results DIR [DIR]  # these folders (CPU smoke results allowed, labelled)
+
+For each benchmark (loss, train, loader) the newest ``<name>.json`` (by its capture time) is used; every table
+names its device, date, versions and source file. Only numbers read from those files are shown (formatted or
+unit-converted); what a file does not hold is written as its status or "not measured". The README text
+between ``<!-- perf:begin -->`` and ``<!-- perf:end -->`` is replaced; without those markers (or with
+``--stdout``) the section is printed instead. CPU results are never picked up automatically (they are not
+performance claims); when given explicitly they are labelled as a CPU smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import common
+
+BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+BENCHMARKS = ("loss", "train", "loader")
+DASH = "-"
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding results
+# --------------------------------------------------------------------------------------------------
+def load(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) and "env" in doc and "results" in doc else None
+
+
+def newest(folders: Iterable[Path], include_cpu: bool) -> dict[str, tuple[dict[str, Any], Path]]:
+    """For each benchmark, the newest results document (and its path) found in ``folders``."""
+    found: dict[str, tuple[dict[str, Any], Path]] = {}
+    for folder in folders:
+        for name in BENCHMARKS:
+            path = folder / f"{name}.json"
+            doc = load(path) if path.exists() else None
+            if doc is None or (not include_cpu and not doc["env"].get("is_cuda")):
+                continue
+            stamp = doc["env"].get("datetime_utc", "")
+            if name not in found or stamp > found[name][0]["env"].get("datetime_utc", ""):
+                found[name] = (doc, path)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting (every number shown goes through these)
+# --------------------------------------------------------------------------------------------------
+def num(value: Any, digits: int | None = None) -> str:
+    """A measured value, or a dash when absent."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return DASH
+    if digits is None:
+        digits = 3 if abs(value) < 10 else 2 if abs(value) < 100 else 1
+    return f"{value:.{digits}f}"
+
+
+def pct(value: Any) -> str:
+    return f"{num(value * 100, 1)}%" if isinstance(value, int | float) else DASH
+
+
+def times(value: Any) -> str:
+    return f"{num(value, 2)}x" if isinstance(value, int | float) else DASH
+
+
+def mib(value: Any) -> str:
+    return f"{num(value / 2**20, 1)} MiB" if isinstance(value, int | float) else common.NOT_MEASURED
+
+
+def cell(row: dict[str, Any] | None, render: Callable[[dict[str, Any]], str]) -> str:
+    """``render(row)`` for a measured row, else the row's status (or "not measured")."""
+    if row is None:
+        return common.NOT_MEASURED
+    if row.get("status") != "ok":
+        return str(row.get("status", common.NOT_MEASURED))
+    return render(row)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def provenance(doc: dict[str, Any], path: Path) -> list[str]:
+    env = doc["env"]
+    peak = env.get("peak")
+    peak_txt = (f"; vendor peaks {num(peak['mem_bw_bytes_s'] / 1e12, 2)} TB/s, "
+                f"{num(peak['bf16_flops'] / 1e12, 0)} dense BF16 TFLOP/s ({peak['label']})"
+                if isinstance(peak, dict) else "; vendor peaks unknown (no fractions of peak)")
+    try:
+        shown = path.resolve().relative_to(common.ROOT)
+    except ValueError:
+        shown = path
+    lines = [f"Device **{env['device_name']}**, measured {env['datetime_utc']} UTC, torch {env['torch']}, "
+             f"triton {env.get('triton')}, CUDA {env.get('cuda')}, driver {env.get('driver')}, "
+             f"commit `{str(env.get('git_commit'))[:12]}`{peak_txt}. Source: `{shown}`."]
+    if not env.get("is_cuda"):
+        lines.append("")
+        lines.append("**CPU smoke run: these numbers only show that the benchmark runs; they are not "
+                     "performance claims.**")
+    return lines
+
+
+def targets(doc: dict[str, Any]) -> list[str]:
+    rows = [[t["target"], t["case"], f"{t['op']} {num(t['threshold'], 2)}",
+             num(t["value"]) if t.get("value") is not None else common.NOT_MEASURED, t["status"]]
+            for t in doc.get("targets", [])]
+    return table(["target", "case", "goal", "measured", "status"], rows) if rows else []
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+def loss_section(doc: dict[str, Any], path: Path) -> list[str]:
+    rows = doc["results"]
+    index = {(r["shape_name"], r["dtype"], r["layout"], r["mode"], r["provider"]): r for r in rows}
+    cases = list(dict.fromkeys((r["shape_name"], r["shape"], r["dtype"], r["layout"]) for r in rows))
+    body = []
+    for name, shape, dtype, layout in cases:
+        get = lambda p, n=name, d=dtype, lay=layout: index.get((n, d, lay, "fwd+bwd", p))  # noqa: E731
+        tri = get("triton")
+        derived = [lambda r: times(r.get("speedup_vs_reference")),
+                   lambda r: times(r.get("speedup_vs_compile")),
+                   lambda r: num(r["gbps"], 1),
+                   lambda r: pct(r.get("bw_frac_peak")),
+                   lambda r: pct(r["mem_frac_reference"]) if r.get("mem_frac_reference") is not None
+                   else common.NOT_MEASURED]
+        measured = tri is not None and tri.get("status") == "ok"
+        body.append([f"{name} ({shape})", dtype, layout,
+                     *(cell(get(p), lambda r: num(r["median_ms"])) for p in
+                       ("reference", "reference+compile", "torch", "triton")),
+                     *(show(tri) if measured else DASH for show in derived)])
+    header = ["case", "dtype", "layout", "reference ms", "reference+compile ms", "torch ms", "triton ms",
+              "triton vs reference", "triton vs compile", "triton GB/s", "of peak bandwidth",
+              "triton extra memory / reference's"]
+    return [
+        "### DIST loss: forward + backward", "", *provenance(doc, path), "",
+        "Median times; every mode (forward, no-grad forward, backward), the quintile spread, the torch "
+        "backend's ratios and the accuracy check are in `loss.csv`. Bandwidth counts the bytes the fused "
+        "kernels must move (read S and T twice, write dS).", "",
+        *table(header, body), "", *targets(doc), "",
+    ]
+
+
+def train_section(doc: dict[str, Any], path: Path) -> list[str]:
+    cfg = doc["config"]
+    body = [[r["config"], str(r.get("batch", DASH)),
+             cell(r, lambda r: f"{num(r['step_ms'])} [{num(r['p20_ms'])}, {num(r['p80_ms'])}]"),
+             cell(r, lambda r: num(r["images_per_s"])),
+             cell(r, lambda r: times(r.get("speedup_vs_reference"))),
+             cell(r, lambda r: mib(r.get("peak_mem_bytes"))),
+             cell(r, lambda r: num(r["flops_per_step"] / 1e9, 1) if r.get("flops_per_step") else DASH),
+             cell(r, lambda r: num(r.get("achieved_tflops"))),
+             cell(r, lambda r: pct(r.get("frac_peak_bf16")))]
+            for r in doc["results"]]
+    header = ["configuration", "batch", "step ms [low, high]", "images/s", "vs reference", "peak memory",
+              "model GFLOP/step", "TFLOP/s", "of dense bf16 peak"]
+    size = "x".join(str(s) for s in cfg["size"])
+    return [
+        "### KD training step", "", *provenance(doc, path), "",
+        f"Teacher {cfg['teacher']}, student {cfg['student']}, crops {size}, data already on the device; each "
+        "configuration adds one optimisation to the row above it (fused loss backend: "
+        f"{cfg['fused_backend']}; every row with the engine's TF32 / cuDNN settings). low/high: first and "
+        "fourth quintiles of the step times.", "",
+        *table(header, body), "", *targets(doc), "",
+    ]
+
+
+def loader_section(doc: dict[str, Any], path: Path) -> list[str]:
+    cfg = doc["config"]
+    body = [[r["backend"], str(r["threads"]), cell(r, lambda r: num(r["images_per_s"])),
+             cell(r, lambda r: num(r["cpu_cores_used"], 2)),
+             cell(r, lambda r: pct(r["decode_share"]) if "decode_share" in r else common.NOT_MEASURED)]
+            for r in doc["results"]]
+    size, crop = ("x".join(map(str, cfg[k])) for k in ("image_size", "crop"))
+    lines = [
+        "### Training loader", "", *provenance(doc, path), "",
+        f"Synthetic Cityscapes PNGs of {size}, crops {crop}, batch {cfg['batch']}; "
+        f"{cfg['cpu_cores_available']} CPU cores available.", "",
+        *table(["backend", "threads / workers", "images/s", "CPU cores used", "decode share"], body), "",
+        "Decode share, torch: PIL decode CPU time over the loader's CPU time per image; DALI: the loader's "
+        "images/s over a decode-only DALI pipeline's at the same thread count.", "",
+    ]
+    steps = doc.get("step")
+    if isinstance(steps, list) and steps:
+        step_body = [[str(r.get("backend", DASH)), str(r.get("threads", DASH)),
+                      cell(r, lambda r: pct(r["data_wait_frac"])),
+                      cell(r, lambda r: num(r["iter_ms"])),
+                      cell(r, lambda r: num(r.get("step_ms_fixed_data"))),
+                      cell(r, lambda r: pct(r["gpu_aug_share"]) if "gpu_aug_share" in r
+                           else common.NOT_MEASURED)]
+                     for r in steps]
+        lines += [f"KD step ({cfg['step_config']}) fed by the loader:", "",
+                  *table(["backend", "threads", "data wait", "iteration ms", "step ms, fixed data",
+                          "GPU augmentation share"], step_body), ""]
+    else:
+        lines += ["Data wait with the KD step: not measured in this run.", ""]
+    return lines + [*targets(doc), ""]
+
+
+SECTIONS = {"loss": loss_section, "train": train_section, "loader": loader_section}
+
+
+def render(found: dict[str, tuple[dict[str, Any], Path]]) -> str:
+    lines = ["_Generated by `python benchmarks/report.py` from the newest results files; "
+             "every number below is read from them._", ""]
+    for name in BENCHMARKS:
+        if name in found:
+            lines += SECTIONS[name](*found[name])
+        else:
+            lines += [f"**{name}**: not measured (no results file).", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_readme(readme: Path, section: str) -> bool:
+    """Replace the text between the markers; False (nothing written) when they are absent."""
+    if not readme.exists():
+        return False
+    text = readme.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        return False
+    readme.write_text(text[: start + len(BEGIN)] + "\n" + section + text[end:])
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", nargs="+", type=Path, default=None,
+                   help="results folders (default: every folder under benchmarks/results/, GPU runs only)")
+    p.add_argument("--include-cpu", action="store_true", help="also use CPU runs under benchmarks/results/")
+    p.add_argument("--readme", type=Path, default=common.ROOT / "README.md")
+    p.add_argument("--stdout", action="store_true", help="print the section instead of editing the README")
+    args = p.parse_args(argv)
+    explicit = args.results is not None
+    folders = args.results if explicit else sorted(d for d in common.RESULTS_DIR.glob("*") if d.is_dir())
+    found = newest(folders, include_cpu=explicit or args.include_cpu)
+    if not found:
+        section = ("Not measured yet: no GPU results file exists under `benchmarks/results/` "
+                   "(run `make gpu-check` on a GPU machine).\n")
+    else:
+        section = render(found)
+    if args.stdout or not update_readme(args.readme, section):
+        print(section, end="")
+    else:
+        print(f"updated the Performance section of {args.readme}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Steady-state DIST knowledge-distillation training step: an ablation from the reference configuration.
+
+One step is the training engine's: teacher forward (no grad) + student forward + the engine's
+``DistillationLoss`` (cross-entropy on logits upsampled to the label size + 0.4 x auxiliary CE, DIST with
+beta = gamma = tau = 1 on the 1/8-resolution main logits + 0.4 x DIST on the auxiliary logits) + backward +
+SGD step (momentum 0.9, weight decay 5e-4; fused on CUDA). Every row uses the engine's backend settings
+(TF32, cuDNN benchmark), so that only the listed optimisation changes between rows. Images and labels are
+generated once and stay on the device, so the loader is not measured here (see loader_bench.py).
+
+Configurations, each adding one optimisation to the previous one:
+  reference      fp32, NCHW, eager, reference loss (the published formula)
+  +amp           bf16 autocast
+  +channels_last models and images in channels-last
+  +fused_loss    fastdist's fused loss (Triton on CUDA; the torch backend on CPU)
+  +compile       torch.compile of the teacher and the student (as ``train.py --compile`` does)
+The full ablation runs at the recipe's per-GPU batch; the reference and the last configuration also run at
+larger batches. Reported per row: step time (median, p20, p80), images/s, speed-up against the reference
+configuration at the same batch, peak memory (CUDA), the model FLOPs of one step (counted by
+``torch.utils.flop_counter.FlopCounterMode`` on a real step) and the achieved fraction of the device's dense
+BF16 tensor-core peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import common
+
+CONFIG_ORDER = ["reference", "+amp", "+channels_last", "+fused_loss", "+compile"]
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    name: str
+    amp: bool = False
+    channels_last: bool = False
+    loss_backend: str = "reference"
+    compile: bool = False
+
+
+def ablation(fused_backend: str) -> list[StepConfig]:
+    """The cumulative ablation, reference first."""
+    ref = StepConfig("reference")
+    amp = replace(ref, name="+amp", amp=True)
+    cl = replace(amp, name="+channels_last", channels_last=True)
+    fused = replace(cl, name="+fused_loss", loss_backend=fused_backend)
+    comp = replace(fused, name="+compile", compile=True)
+    return [ref, amp, cl, fused, comp]
+
+
+# --------------------------------------------------------------------------------------------------
+# The step
+# --------------------------------------------------------------------------------------------------
+def build_models(args: argparse.Namespace, device: str) -> tuple[Any, Any]:
+    """Teacher (frozen, eval) and student (train) with the models' default heads (aux on ResNets)."""
+    from fastdist.models import build_model
+
+    teacher = build_model(args.teacher_model, args.teacher_backbone, num_classes=args.num_classes)
+    student = build_model(args.student_model, args.student_backbone, num_classes=args.num_classes)
+    teacher.to(device).eval().requires_grad_(False)
+    student.to(device).train()
+    return teacher, student
+
+
+def configure_backends(device: str) -> dict[str, Any]:
+    """The training engine's backend settings (TF32, cuDNN benchmark), the same for every row."""
+    import torch
+
+    from fastdist.engine.trainer import configure_backends as engine_configure
+
+    engine_configure(torch.device(device))
+    cudnn = torch.backends.cudnn
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cudnn_allow_tf32": cudnn.allow_tf32, "cudnn_benchmark": cudnn.benchmark}
+
+
+def make_step(teacher: Any, student: Any, cfg: StepConfig, device: str,
+              lr: float) -> Callable[[Any, Any], Any]:
+    """One training step as the engine runs it (``fastdist.engine``'s DistillationLoss: CE + 0.4 aux CE,
+    DIST on the main and aux logits), with the models in ``cfg``'s memory format and compiled on request."""
+    import torch
+
+    from fastdist.engine.kd import DistillationLoss
+
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    teacher.to(memory_format=fmt)
+    student.to(memory_format=fmt)
+    t_net = torch.compile(teacher) if cfg.compile else teacher
+    s_net = torch.compile(student) if cfg.compile else student
+    criterion = DistillationLoss(backend=cfg.loss_backend)
+    cuda = device.startswith("cuda")
+    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, fused=cuda or None)
+    device_type = "cuda" if cuda else "cpu"
+
+    def step(images: Any, labels: Any) -> Any:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.amp):
+            with torch.no_grad():
+                t_out = t_net(images)
+            out = s_net(images)
+            task, kd = criterion(out, t_out, labels, images)
+            loss = task + kd
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def make_batch(batch: int, size: tuple[int, int], num_classes: int, device: str, channels_last: bool,
+               seed: int = 0) -> tuple[Any, Any]:
+    """Random normalised images and labels (10% ignore pixels), already on the device."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, *size, generator=gen).to(device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, num_classes, (batch, *size), generator=gen)
+    labels[torch.rand(batch, *size, generator=gen) < 0.1] = IGNORE_INDEX
+    return images, labels.to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------
+def time_steps(step: Callable[[Any, Any], Any], images: Any, labels: Any, device: str, warmup: int,
+               steps: int) -> tuple[common.Timing, float]:
+    """Per-step times after ``warmup`` steps; returns (timing, seconds of the first step)."""
+    import torch
+
+    t0 = time.perf_counter()
+    step(images, labels)
+    common.synchronize(device)
+    first = time.perf_counter() - t0
+    for _ in range(max(0, warmup - 1)):
+        step(images, labels)
+    common.synchronize(device)
+    times: list[float] = []
+    if device.startswith("cuda"):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            step(images, labels)
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in events]
+    else:
+        for _ in range(steps):
+            t = time.perf_counter()
+            step(images, labels)
+            times.append((time.perf_counter() - t) * 1e3)
+    return common.summarize(times), first
+
+
+def count_flops(teacher: Any, student: Any, args: argparse.Namespace, batch: int, device: str) -> int:
+    """Model FLOPs of one eager fp32 step at ``batch`` (FlopCounterMode over a real step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = make_step(teacher, student, StepConfig("flops"), device, args.lr)
+    images, labels = make_batch(batch, tuple(args.size), args.num_classes, device, channels_last=False)
+    with FlopCounterMode(display=False) as counter:
+        step(images, labels)
+    common.synchronize(device)
+    return int(counter.get_total_flops())
+
+
+def measure(teacher: Any, student: Any, cfg: StepConfig, batch: int, args: argparse.Namespace, device: str,
+            flops: int | None, peak: common.DevicePeak | None) -> dict[str, Any]:
+    """One row: time ``cfg`` at ``batch``."""
+    import torch
+
+    row: dict[str, Any] = {"config": cfg.name, "batch": batch, "size": list(args.size), **asdict(cfg)}
+    row.pop("name")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    step = make_step(teacher, student, cfg, device, args.lr)
+    images, labels = make_batch(batch, tuple(args.size), args.num_classes, device, cfg.channels_last)
+    timing, first = time_steps(step, images, labels, device, args.warmup, args.steps)
+    step_s = timing.median_ms / 1e3
+    cuda = device.startswith("cuda")
+    row.update(status="ok", step_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+               steps=timing.reps, first_step_s=first, images_per_s=batch / step_s,
+               peak_mem_bytes=int(torch.cuda.max_memory_allocated(device)) if cuda else None,
+               flops_per_step=flops, achieved_tflops=flops / step_s / 1e12 if flops else None,
+               frac_peak_bf16=flops / step_s / peak.bf16_flops if flops and peak else None)
+    return row
+
+
+def plan(args: argparse.Namespace, fused_backend: str) -> list[tuple[StepConfig, int]]:
+    """(config, batch) pairs in run order: the ablation at the first batch, then at each larger batch the
+    reference and the best eager configuration, then the compiled one (compiling is slow: under a time
+    budget it is what gets cut first)."""
+    configs = [c for c in ablation(fused_backend) if c.name in args.configs]
+    pairs = [(c, args.batches[0]) for c in configs]
+    eager = [c for c in configs if not c.compile]
+    ends = list(dict.fromkeys([eager[0], eager[-1]])) if eager else []
+    pairs += [(c, b) for b in args.batches[1:] for c in ends]
+    pairs += [(c, b) for b in args.batches[1:] for c in configs if c.compile]
+    return pairs
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Speed-up of each row over the reference configuration at the same batch."""
+    ref = {r["batch"]: r for r in rows if r["config"] == "reference" and r.get("status") == "ok"}
+    for r in rows:
+        base = ref.get(r["batch"])
+        if r.get("status") == "ok" and base:
+            r["speedup_vs_reference"] = r["images_per_s"] / base["images_per_s"]
+
+
+def evaluate_targets(rows: list[dict[str, Any]], is_cuda: bool, batch: int) -> list[dict[str, Any]]:
+    """Issue target: the full configuration reaches >= 3x the reference's images/s (same GPU, same batch)."""
+    best = next((r for r in rows if r["config"] == CONFIG_ORDER[-1] and r["batch"] == batch
+                 and r.get("status") == "ok"), None)
+    value = best.get("speedup_vs_reference") if best else None
+    if not is_cuda:
+        status = "not applicable (CPU run)"
+    elif value is None:
+        status = common.NOT_MEASURED
+    else:
+        status = "pass" if value >= 3.0 else "fail"
+    return [{"target": "KD step images/s vs reference configuration", "case": f"batch {batch}",
+             "config": CONFIG_ORDER[-1], "field": "speedup_vs_reference", "op": ">=", "threshold": 3.0,
+             "value": value, "status": status}]
+
+
+def release(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>/)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 16x32 crops, R18 teacher, 1 warm-up + 2 steps, no torch.compile")
+    p.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8], help="first = the ablation's batch")
+    p.add_argument("--size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
+    p.add_argument("--configs", nargs="+", default=CONFIG_ORDER, choices=CONFIG_ORDER)
+    p.add_argument("--warmup", type=int, default=5, help="warm-up steps (the first compiles)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--teacher-model", default="deeplabv3")
+    p.add_argument("--teacher-backbone", default="resnet101")
+    p.add_argument("--student-model", default="deeplabv3")
+    p.add_argument("--student-backbone", default="resnet18")
+    p.add_argument("--num-classes", type=int, default=19)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; rows left when it runs out are written as 'skipped: time budget'")
+    args = p.parse_args(argv)
+    if args.quick:  # a smoke run of the machinery, not a performance figure
+        args.size, args.batches, args.warmup, args.steps = [16, 32], args.batches[:1], 1, 2
+        args.teacher_backbone = "resnet18"
+        args.configs = [c for c in args.configs if c != "+compile"]
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON document (also written to disk)."""
+    import torch
+
+    device = common.resolve_device(args.device)
+    env = common.capture_env(device)
+    peak = common.lookup_peak(env["device_name"]) if env["is_cuda"] else None
+    out_dir = common.default_out_dir(env, args.out)
+    budget = common.Budget(args.time_budget)
+    fused_backend = "triton" if env["is_cuda"] else "torch"
+    t_start = time.perf_counter()
+    args.backend_settings = configure_backends(device)
+    teacher, student = build_models(args, device)
+    flops: dict[int, int | None] = {}
+    rows: list[dict[str, Any]] = []
+    for cfg, batch in plan(args, fused_backend):
+        label = f"{cfg.name} batch {batch}"
+        if budget.exhausted():
+            rows.append({"config": cfg.name, "batch": batch, "status": "skipped: time budget"})
+            continue
+        print(f"[train_bench] {label}", flush=True)
+        try:
+            if batch not in flops:
+                flops[batch] = count_flops(teacher, student, args, batch, device)
+            rows.append(measure(teacher, student, cfg, batch, args, device, flops[batch], peak))
+        except Exception as exc:  # noqa: BLE001 - report, do not crash the whole benchmark
+            traceback.print_exc()
+            oom = isinstance(exc, torch.cuda.OutOfMemoryError)
+            rows.append({"config": cfg.name, "batch": batch,
+                         "status": "oom" if oom else f"error: {type(exc).__name__}: {str(exc)[:200]}"})
+        release(device)
+        write_results(rows, env, args, out_dir, fused_backend, time.perf_counter() - t_start, final=False)
+    skipped = [c for c in CONFIG_ORDER if c not in args.configs]
+    rows += [{"config": c, "batch": args.batches[0], "status": "skipped: --quick" if args.quick else
+              "skipped: not selected"} for c in skipped]
+    doc = write_results(rows, env, args, out_dir, fused_backend, time.perf_counter() - t_start, final=True)
+    print(f"[train_bench] wrote {out_dir}/train.json in {doc['config']['wall_s']:.1f}s")
+    return doc
+
+
+def write_results(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace, out_dir: Path,
+                  fused_backend: str, wall_s: float, final: bool) -> dict[str, Any]:
+    """Add the speed-ups and write train.json."""
+    add_speedups(rows)
+    doc = {
+        "benchmark": "train",
+        "env": env,
+        "config": {"quick": args.quick, "size": args.size, "batches": args.batches, "warmup": args.warmup,
+                   "steps": args.steps, "teacher": f"{args.teacher_model}-{args.teacher_backbone}",
+                   "student": f"{args.student_model}-{args.student_backbone}", "fused_backend": fused_backend,
+                   "flops_counter": "torch.utils.flop_counter.FlopCounterMode",
+                   "backend_settings": args.backend_settings,
+                   "peak_used": "dense BF16 tensor-core peak", "complete": final, "wall_s": wall_s},
+        "targets": evaluate_targets(rows, env["is_cuda"], args.batches[0]),
+        "results": rows,
+    }
+    common.write_json(out_dir / "train.json", doc)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
