@@ -53,7 +53,7 @@ step() {  # step NAME SECONDS LOGFILE CMD...: run CMD bounded by SECONDS, output
 }
 
 step "CUDA parity tests" "$PYTEST_S" "$DIR/pytest.log" \
-    "$PY" -m pytest tests --ignore=tests/aot --ignore=tests/test_kernel_dist_loss.py -m cuda -q \
+    "$PY" -m pytest tests --ignore=tests/aot -m cuda -q \
     -p no:cacheprovider --tb=short --continue-on-collection-errors
 step "loss benchmark" "$LOSS_S" "$LOG" \
     "$PY" benchmarks/loss_bench.py --device "$DEVICE" "${QUICK[@]}" --out "$DIR" --warmup-ms 10 --rep-ms 50 \

@@ -25,7 +25,7 @@ from .reference import dist_loss_reference
 BACKENDS = ("auto", "triton", "torch", "reference")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_MAX_C = 4096  # kernels.dist_loss.MAX_C (not imported here: that would import triton)
+_TRITON_MAX_C = 2048  # kernels.dist_loss.MAX_C (not imported here: that would import triton)
 
 
 def _check_params(tau: float, backend: str) -> None:

@@ -1,0 +1,709 @@
+"""Fused DIST loss kernels (Triton) and their launchers.
+
+Notation (see docs/design.md): S, T are the student / teacher logits viewed as N rows x C classes
+(for a 4-D (B, C, H, W) tensor, row n = b*H*W + h*W + w). With x = S/tau and y = T/tau,
+
+    p = softmax(x),  q = softmax(y)                                  (row-wise, fp32, max-subtracted)
+
+Row (inter) Pearson term, per kept row i:
+
+    a = p_i - mean(p_i),  b = q_i - mean(q_i),  ab_i = <a, b>,  na_i = ||a||,  nb_i = ||b||
+    D_i = na_i * nb_i + 1e-8,  r_i = ab_i / D_i
+
+Column (intra) statistics over the kept rows, per class j:
+
+    mu_p[j], mu_q[j],  M2_p[j] = sum_i (p_ij - mu_p[j])^2,  M2_q[j] likewise,
+    C_pq[j] = sum_i (p_ij - mu_p[j]) (q_ij - mu_q[j])
+
+Forward (``dist_forward_stats``) returns row_stats = [sum_i r_i, M] (float64 (2,)) and
+col_stats = [mu_p, mu_q, M2_p, M2_q, C_pq] (float64 (5, C)); the loss itself is assembled by the
+front-end (fastdist.loss) from these statistics.
+
+Backward (``dist_backward``), closed form. With A = p - mu_p, B = q - mu_q and the coefficients
+computed by the front-end (col_coef = [mu_p, mu_q, kB, kA_s, kA_t] (5, C), row_coef = [w_row]):
+
+    G_ij = w_row * (b_ij / D_i - ab_i nb_i / (na_i D_i^2) a_ij) + kB_j B_ij - kA_s_j A_ij   (= dL/dp_ij)
+    H_ij = w_row * (a_ij / D_i - ab_i na_i / (nb_i D_i^2) b_ij) + kB_j A_ij - kA_t_j B_ij   (= dL/dq_ij)
+    dL/dS_ij = grad_out / tau * p_ij (G_ij - sum_k p_ik G_ik)
+    dL/dT_ij = grad_out / tau * q_ij (H_ij - sum_k q_ik H_ik)
+
+(the row term whose norm in the denominator is 0 is taken as 0); masked rows get exactly 0.
+
+Memory access: the logits are read in place through strides, never copied. Element (n, c) of a
+(N, C) tensor is at n*stride(0) + c*stride(1); of a (B, C, H, W) tensor (NCHW-contiguous or
+channels-last) at b*stride(0) + hw*stride_hw + c*stride(1), with b = n // (H*W), hw = n % (H*W) and
+stride_hw the single stride of the flattened (H, W) pair. A 4-D tensor whose H, W cannot be flattened
+into one stride (e.g. a transposed H/W view) is made contiguous by the launcher (one copy); its
+gradient is then copied back into a tensor with the input's strides. Row indices are int32
+(N < 2^31 - 2^20 is checked); element offsets are int64.
+
+Determinism and accuracy scheme
+-------------------------------
+* A *group* is a register tile [GROUP_ROWS, BLOCK_C] (BLOCK_C = next_power_of_2(C)); GROUP_ROWS and
+  num_warps are a fixed function of C (``tile_params``), never tuned. All reductions inside a tile are
+  therefore done with one fixed register layout, i.e. one fixed summation order.
+* Forward: a *chunk* is MERGE_GROUPS consecutive groups (256 rows for C <= 128, down to 64 rows for
+  C >= 512: again a fixed function of C). For every group the kernel computes, in fp32 registers,
+  the kept-row count, the column means and the *centred* sums of squares / co-moment (two passes
+  over the tile in registers, so no catastrophic cancellation), and merges the groups of a chunk
+  sequentially, in row order, with the exact Chan et al. update. Each chunk writes one partial
+  record (fp32, [sum r, count] and [mu_p, mu_q, M2_p, M2_q, C_pq]) - no atomics. The partial buffer
+  is 20 bytes per class per chunk, i.e. about 1-8% of bf16 logits.
+* The autotuned parameters are CHUNKS_PER_PROGRAM (forward) / GROUPS_PER_PROGRAM (backward), i.e.
+  how many consecutive chunks / groups one program walks through, and num_stages. They change neither
+  the tile, nor the chunk boundaries, nor any summation order, so every config produces bitwise
+  identical partial records and gradients.
+* Finalize: the chunk records are merged in float64 with torch reductions over a tensor whose shape
+  depends only on (N, C) (the multi-set form of the Chan merge: mu = sum n_k mu_k / n,
+  M2 = sum M2_k + sum n_k (mu_k - mu)^2, C_pq = sum C_k + sum n_k dp_k dq_k). Torch sum reductions are
+  deterministic for a fixed shape and device. Column statistics are thus accurate for N up to many
+  millions of rows (fp32 error only within one chunk of <= 256 rows, fp64 beyond).
+* The backward has no cross-row reduction; its per-row sums use a fixed tile
+  [BWD_GROUP_ROWS, BLOCK_C], again a function of C only, so gradients are also identical across
+  configs.
+* ONE_IMAGE (a constexpr the launcher derives from the shape: H*W % GROUP_ROWS == 0, or one image)
+  lets a group compute its image index once, so that NCHW loads are seen as contiguous along rows
+  and coalesced; it depends on the shape only, never on the tuned parameters.
+* What "bitwise across configs" rests on, on a GPU: for a fixed tile shape, num_warps and flags,
+  Triton's layout (hence reduction order) does not depend on num_stages or on the constexpr loop trip
+  count. That holds by construction of Triton's passes; it was not measured on hardware here.
+
+Conditioning note: when a column (or row) has (near) zero variance, D = nA*nB + 1e-8 ~ 1e-8 and the
+closed form multiplies rounding noise in A, B by k/1e-8. That is a property of the loss definition
+(fp64 shows it too); the coefficients must come from these kernels' own statistics.
+
+Autotuning: a small in-module tuner (``_pick_config``) benchmarks the candidate configs once per key
+with ``triton.testing.do_bench`` on CUDA, keyed on (C, dtypes, stride pattern, flags, N bucket).
+Under TRITON_INTERPRET=1, with FASTDIST_AUTOTUNE=0, or while a CUDA graph is being captured, the
+default config is used (no benchmarking). Tests can run any config explicitly with the ``config=``
+argument of the launchers, and tests/aot compiles every config (``aot_kernel_specs``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "MAX_C",
+    "FWD_CONFIGS",
+    "BWD_CONFIGS",
+    "tile_params",
+    "dist_forward_stats",
+    "dist_backward",
+    "aot_kernel_specs",
+]
+
+# Largest number of classes supported: a whole row lives in registers.
+MAX_C = 2048
+
+# Autotune candidates: (rows-per-program multiplier, num_stages). They never change the arithmetic.
+FWD_CONFIGS = tuple({"CHUNKS_PER_PROGRAM": c, "num_stages": s} for c in (1, 4) for s in (1, 2))
+BWD_CONFIGS = tuple({"GROUPS_PER_PROGRAM": g, "num_stages": s} for g in (1, 8) for s in (1, 2))
+# used without tuning (interpreter, FASTDIST_AUTOTUNE=0, CUDA graph capture)
+_FWD_DEFAULT = FWD_CONFIGS[1]
+_BWD_DEFAULT = BWD_CONFIGS[1]
+
+# Triton decides at decoration time whether kernels run in the interpreter.
+_INTERPRET = bool(triton.knobs.runtime.interpret)
+
+
+def tile_params(C: int) -> dict:
+    """Fixed (never tuned) tile geometry for C classes: BLOCK_C, GROUP_ROWS, MERGE_GROUPS,
+    BWD_GROUP_ROWS, num_warps, maxnreg.
+
+    About 4 fp32 elements of a [GROUP_ROWS, BLOCK_C] tile per thread (forward and backward), so that
+    the live tiles fit in 128 registers without spilling (checked by tests/aot for sm_80 / sm_90).
+    """
+    if C < 2:
+        raise ValueError(f"DIST loss needs at least 2 classes, got C={C}")
+    if C > MAX_C:
+        raise ValueError(f"fused DIST kernels support at most C={MAX_C} classes, got C={C}; "
+                         "use the torch backend")
+    block_c = max(2, triton.next_power_of_2(C))
+    if block_c <= 256:
+        num_warps = 4
+    elif block_c <= 1024:
+        num_warps = 8
+    else:
+        num_warps = 16
+    # 4 elements of a tile per thread: 8 spilled under a 128-register budget in some variants
+    group_rows = max(1, 4 * 32 * num_warps // block_c)
+    # rows merged in-kernel into one forward record: 256 for C <= 128, down to 64 for C >= 512
+    # (a record is 20*C bytes; this keeps the partial buffer at ~1-8% of bf16 logits)
+    chunk_rows = min(256, max(64, 32768 // block_c))
+    merge_groups = max(1, chunk_rows // group_rows)
+    # An explicit register budget: without .maxnreg, ptxas (CUDA 12.8) capped some forward variants
+    # at 80 registers and spilled a few bytes although more registers were free. 128 keeps at least
+    # 16 warps per SM resident.
+    return {"BLOCK_C": block_c, "GROUP_ROWS": group_rows, "MERGE_GROUPS": merge_groups,
+            "BWD_GROUP_ROWS": group_rows, "num_warps": num_warps, "maxnreg": 128}
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_softmax(
+    ptr,  # logits base pointer (any float dtype)
+    row_base,  # [GROUP_ROWS] int64 element offset of each row (b*stride_b + hw*stride_hw)
+    row_ok,  # [GROUP_ROWS] bool, row < N
+    cols,  # [BLOCK_C] int32 class index
+    col_ok,  # [BLOCK_C] bool, class < C
+    stride_c,  # element stride between classes
+    tau,  # temperature (fp32)
+):
+    offs = row_base[:, None] + cols[None, :].to(tl.int64) * stride_c  # [GROUP_ROWS, BLOCK_C]
+    ld_ok = row_ok[:, None] & col_ok[None, :]  # [GROUP_ROWS, BLOCK_C]
+    x = tl.load(ptr + offs, mask=ld_ok, other=0.0).to(tl.float32) / tau  # [GROUP_ROWS, BLOCK_C]
+    # padded classes -> -inf so that they get probability exactly 0; padded rows stay finite (0)
+    x = tl.where(col_ok[None, :], x, float("-inf"))  # [GROUP_ROWS, BLOCK_C]
+    x_max = tl.max(x, axis=1)  # [GROUP_ROWS]
+    e = tl.exp(x - x_max[:, None])  # [GROUP_ROWS, BLOCK_C]
+    return e / tl.sum(e, axis=1)[:, None]  # [GROUP_ROWS, BLOCK_C]
+
+
+@triton.jit
+def _row_index(
+    first_row,  # int32 scalar: first row of the group
+    r_off,  # [GROUP_ROWS] int32: 0 .. GROUP_ROWS-1
+    HW,  # rows per image
+    ONE_IMAGE: tl.constexpr,  # no group straddles two images (HW % GROUP_ROWS == 0, or one image)
+):
+    # Row indices are int32 (the launcher checks N < 2^31 - 2^20): a 64-bit division would be a
+    # call to an emulation routine, whose ABI spills registers. Offsets are formed in int64 later.
+    rows = first_row + r_off  # [GROUP_ROWS] int32
+    if ONE_IMAGE:
+        # image index is a scalar and hw = scalar + arange: the compiler sees rows that are
+        # contiguous in memory for NCHW input (row stride 1) and coalesces the loads along rows
+        b_idx = first_row // HW
+        hw_idx = (first_row - b_idx * HW) + r_off  # [GROUP_ROWS]
+    else:
+        b_idx = rows // HW  # [GROUP_ROWS]
+        hw_idx = rows - b_idx * HW  # [GROUP_ROWS]
+    return rows, b_idx.to(tl.int64), hw_idx.to(tl.int64)
+
+
+@triton.jit
+def _row_center(
+    p,  # [GROUP_ROWS, BLOCK_C] probabilities (0 on padded classes)
+    col_ok,  # [BLOCK_C] bool, class < C
+    C,  # number of classes
+):
+    mean = tl.sum(p, axis=1) / C  # [GROUP_ROWS]
+    return tl.where(col_ok[None, :], p - mean[:, None], 0.0)  # [GROUP_ROWS, BLOCK_C]
+
+
+@triton.jit
+def _dist_fwd_kernel(
+    s_ptr,  # student logits, element (n, c) at b*s_sb + hw*s_shw + c*s_sc
+    t_ptr,  # teacher logits, element (n, c) at b*t_sb + hw*t_shw + c*t_sc
+    m_ptr,  # keep-mask, uint8 (N,) contiguous; only read when HAS_MASK
+    row_part_ptr,  # out: float32 (num_chunks, 2) contiguous, per chunk [sum of r_i, kept rows]
+    col_part_ptr,  # out: float32 (num_chunks, 5, C) contiguous, per chunk [mu_p, mu_q, M2_p, M2_q, C_pq]
+    N,  # number of rows
+    C,  # number of classes
+    HW,  # rows per image (H*W for 4-D input, N for 2-D input)
+    s_sb,  # student stride between images (0 for 2-D)
+    s_shw,  # student stride between consecutive rows of one image
+    s_sc,  # student stride between classes
+    t_sb,  # teacher stride between images (0 for 2-D)
+    t_shw,  # teacher stride between consecutive rows of one image
+    t_sc,  # teacher stride between classes
+    tau,  # temperature
+    num_chunks,  # number of partial records = cdiv(N, GROUP_ROWS * MERGE_GROUPS)
+    BLOCK_C: tl.constexpr,  # next_power_of_2(C)
+    GROUP_ROWS: tl.constexpr,  # rows per register tile (fixed by C)
+    MERGE_GROUPS: tl.constexpr,  # groups merged into one partial record (fixed by C)
+    CHUNKS_PER_PROGRAM: tl.constexpr,  # tuned: consecutive chunks handled by one program
+    HAS_MASK: tl.constexpr,  # whether m_ptr is read
+    ONE_IMAGE: tl.constexpr,  # no group of GROUP_ROWS rows straddles two images
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    col_ok = cols < C  # [BLOCK_C]
+    r_off = tl.arange(0, GROUP_ROWS)  # [GROUP_ROWS]
+    for k in range(CHUNKS_PER_PROGRAM):
+        chunk = pid * CHUNKS_PER_PROGRAM + k
+        # running (Chan) statistics of the chunk, merged group by group in row order
+        run_n = 0.0
+        run_r = 0.0
+        run_mp = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
+        run_mq = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
+        run_m2p = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
+        run_m2q = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
+        run_cpq = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
+        for g in range(MERGE_GROUPS):
+            first_row = (chunk * MERGE_GROUPS + g) * GROUP_ROWS
+            rows, b_idx, hw_idx = _row_index(first_row, r_off, HW, ONE_IMAGE)  # [GROUP_ROWS] each
+            row_ok = rows < N  # [GROUP_ROWS]
+            p = _row_softmax(s_ptr, b_idx * s_sb + hw_idx * s_shw, row_ok, cols, col_ok, s_sc, tau)
+            q = _row_softmax(t_ptr, b_idx * t_sb + hw_idx * t_shw, row_ok, cols, col_ok, t_sc, tau)
+            kept = row_ok  # [GROUP_ROWS]
+            if HAS_MASK:
+                kept = kept & (tl.load(m_ptr + rows, mask=row_ok, other=0) != 0)
+            kf = kept.to(tl.float32)  # [GROUP_ROWS]
+
+            # row Pearson terms
+            a = _row_center(p, col_ok, C)  # [GROUP_ROWS, BLOCK_C]
+            b = _row_center(q, col_ok, C)  # [GROUP_ROWS, BLOCK_C]
+            ab = tl.sum(a * b, axis=1)  # [GROUP_ROWS]
+            na = tl.sqrt(tl.sum(a * a, axis=1))  # [GROUP_ROWS]
+            nb = tl.sqrt(tl.sum(b * b, axis=1))  # [GROUP_ROWS]
+            r = tl.where(kept, ab / (na * nb + 1e-8), 0.0)  # [GROUP_ROWS]
+
+            # centred column statistics of this group (two passes over the tile in registers)
+            n_g = tl.sum(kf, axis=0)
+            inv_n = 1.0 / tl.maximum(n_g, 1.0)
+            mu_pg = tl.sum(p * kf[:, None], axis=0) * inv_n  # [BLOCK_C]
+            mu_qg = tl.sum(q * kf[:, None], axis=0) * inv_n  # [BLOCK_C]
+            dp = tl.where(kept[:, None], p - mu_pg[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
+            dq = tl.where(kept[:, None], q - mu_qg[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
+            m2p_g = tl.sum(dp * dp, axis=0)  # [BLOCK_C]
+            m2q_g = tl.sum(dq * dq, axis=0)  # [BLOCK_C]
+            cpq_g = tl.sum(dp * dq, axis=0)  # [BLOCK_C]
+
+            # exact Chan merge of (n_g, group stats) into the running chunk statistics
+            n_new = run_n + n_g
+            w = n_g / tl.maximum(n_new, 1.0)
+            cross = run_n * w  # = n_run * n_g / n_new
+            del_p = mu_pg - run_mp  # [BLOCK_C]
+            del_q = mu_qg - run_mq  # [BLOCK_C]
+            run_mp = run_mp + del_p * w
+            run_mq = run_mq + del_q * w
+            run_m2p = run_m2p + m2p_g + del_p * del_p * cross
+            run_m2q = run_m2q + m2q_g + del_q * del_q * cross
+            run_cpq = run_cpq + cpq_g + del_p * del_q * cross
+            run_n = n_new
+            run_r = run_r + tl.sum(r, axis=0)
+
+        rec_ok = chunk < num_chunks
+        tl.store(row_part_ptr + chunk * 2, run_r, mask=rec_ok)
+        tl.store(row_part_ptr + chunk * 2 + 1, run_n, mask=rec_ok)
+        st_ok = col_ok & rec_ok  # [BLOCK_C]
+        rec = col_part_ptr + chunk.to(tl.int64) * 5 * C + cols  # [BLOCK_C] pointers
+        tl.store(rec, run_mp, mask=st_ok)
+        tl.store(rec + C, run_mq, mask=st_ok)
+        tl.store(rec + 2 * C, run_m2p, mask=st_ok)
+        tl.store(rec + 3 * C, run_m2q, mask=st_ok)
+        tl.store(rec + 4 * C, run_cpq, mask=st_ok)
+
+
+@triton.jit
+def _dist_bwd_kernel(
+    s_ptr,  # student logits, element (n, c) at b*s_sb + hw*s_shw + c*s_sc
+    t_ptr,  # teacher logits, element (n, c) at b*t_sb + hw*t_shw + c*t_sc
+    m_ptr,  # keep-mask, uint8 (N,) contiguous; only read when HAS_MASK
+    ds_ptr,  # out: dL/dS, element (n, c) at b*ds_sb + hw*ds_shw + c*ds_sc; only written when NEED_S
+    dt_ptr,  # out: dL/dT, element (n, c) at b*dt_sb + hw*dt_shw + c*dt_sc; only written when NEED_T
+    col_coef_ptr,  # float32 (5, C) contiguous: [mu_p, mu_q, kB, kA_s, kA_t]
+    row_coef_ptr,  # float32 (1,): [w_row]
+    grad_out_ptr,  # float32 0-d: upstream gradient of the loss
+    N,  # number of rows
+    C,  # number of classes
+    HW,  # rows per image (H*W for 4-D input, N for 2-D input)
+    s_sb,  # student stride between images (0 for 2-D)
+    s_shw,  # student stride between consecutive rows of one image
+    s_sc,  # student stride between classes
+    t_sb,  # teacher stride between images (0 for 2-D)
+    t_shw,  # teacher stride between consecutive rows of one image
+    t_sc,  # teacher stride between classes
+    ds_sb,  # dS stride between images (0 for 2-D)
+    ds_shw,  # dS stride between consecutive rows of one image
+    ds_sc,  # dS stride between classes
+    dt_sb,  # dT stride between images (0 for 2-D)
+    dt_shw,  # dT stride between consecutive rows of one image
+    dt_sc,  # dT stride between classes
+    tau,  # temperature
+    BLOCK_C: tl.constexpr,  # next_power_of_2(C)
+    GROUP_ROWS: tl.constexpr,  # rows per register tile (fixed by C)
+    GROUPS_PER_PROGRAM: tl.constexpr,  # tuned: consecutive groups handled by one program
+    HAS_MASK: tl.constexpr,  # whether m_ptr is read
+    NEED_S: tl.constexpr,  # write dL/dS
+    NEED_T: tl.constexpr,  # write dL/dT
+    ONE_IMAGE: tl.constexpr,  # no group of GROUP_ROWS rows straddles two images
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    col_ok = cols < C  # [BLOCK_C]
+    r_off = tl.arange(0, GROUP_ROWS)  # [GROUP_ROWS]
+    scale = tl.load(grad_out_ptr) / tau  # grad_out / tau
+    w_row = tl.load(row_coef_ptr)
+    mu_p = tl.load(col_coef_ptr + cols, mask=col_ok, other=0.0)  # [BLOCK_C]
+    mu_q = tl.load(col_coef_ptr + C + cols, mask=col_ok, other=0.0)  # [BLOCK_C]
+    k_b = tl.load(col_coef_ptr + 2 * C + cols, mask=col_ok, other=0.0)  # [BLOCK_C]
+    k_as = tl.load(col_coef_ptr + 3 * C + cols, mask=col_ok & NEED_S, other=0.0)  # [BLOCK_C]
+    k_at = tl.load(col_coef_ptr + 4 * C + cols, mask=col_ok & NEED_T, other=0.0)  # [BLOCK_C]
+    for g in range(GROUPS_PER_PROGRAM):
+        first_row = (pid * GROUPS_PER_PROGRAM + g) * GROUP_ROWS
+        rows, b_idx, hw_idx = _row_index(first_row, r_off, HW, ONE_IMAGE)  # [GROUP_ROWS] each
+        row_ok = rows < N  # [GROUP_ROWS]
+        p = _row_softmax(s_ptr, b_idx * s_sb + hw_idx * s_shw, row_ok, cols, col_ok, s_sc, tau)
+        q = _row_softmax(t_ptr, b_idx * t_sb + hw_idx * t_shw, row_ok, cols, col_ok, t_sc, tau)
+        kept = row_ok  # [GROUP_ROWS]
+        if HAS_MASK:
+            kept = kept & (tl.load(m_ptr + rows, mask=row_ok, other=0) != 0)
+        st_ok = row_ok[:, None] & col_ok[None, :]  # [GROUP_ROWS, BLOCK_C]
+
+        a = _row_center(p, col_ok, C)  # [GROUP_ROWS, BLOCK_C]
+        b = _row_center(q, col_ok, C)  # [GROUP_ROWS, BLOCK_C]
+        ab = tl.sum(a * b, axis=1)  # [GROUP_ROWS]
+        na = tl.sqrt(tl.sum(a * a, axis=1))  # [GROUP_ROWS]
+        nb = tl.sqrt(tl.sum(b * b, axis=1))  # [GROUP_ROWS]
+        inv_d = 1.0 / (na * nb + 1e-8)  # [GROUP_ROWS]
+        big_a = tl.where(col_ok[None, :], p - mu_p[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
+        big_b = tl.where(col_ok[None, :], q - mu_q[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
+
+        if NEED_S:
+            # [GROUP_ROWS]; 0 where ||a|| = 0 (the inner where keeps the discarded branch finite)
+            c_a = tl.where(na > 0.0, ab * nb * inv_d * inv_d / tl.where(na > 0.0, na, 1.0), 0.0)
+            gs = (w_row * (b * inv_d[:, None] - c_a[:, None] * a)
+                  + k_b[None, :] * big_b - k_as[None, :] * big_a)  # [GROUP_ROWS, BLOCK_C]
+            pg = tl.sum(p * gs, axis=1)  # [GROUP_ROWS]
+            ds = tl.where(kept[:, None], scale * p * (gs - pg[:, None]), 0.0)  # [GROUP_ROWS, BLOCK_C]
+            ds_offs = ((b_idx * ds_sb + hw_idx * ds_shw)[:, None]
+                       + cols[None, :].to(tl.int64) * ds_sc)  # [GROUP_ROWS, BLOCK_C]
+            tl.store(ds_ptr + ds_offs, ds.to(ds_ptr.dtype.element_ty), mask=st_ok)
+        if NEED_T:
+            # [GROUP_ROWS]; 0 where ||b|| = 0
+            c_b = tl.where(nb > 0.0, ab * na * inv_d * inv_d / tl.where(nb > 0.0, nb, 1.0), 0.0)
+            ht = (w_row * (a * inv_d[:, None] - c_b[:, None] * b)
+                  + k_b[None, :] * big_a - k_at[None, :] * big_b)  # [GROUP_ROWS, BLOCK_C]
+            qh = tl.sum(q * ht, axis=1)  # [GROUP_ROWS]
+            dt = tl.where(kept[:, None], scale * q * (ht - qh[:, None]), 0.0)  # [GROUP_ROWS, BLOCK_C]
+            dt_offs = ((b_idx * dt_sb + hw_idx * dt_shw)[:, None]
+                       + cols[None, :].to(tl.int64) * dt_sc)  # [GROUP_ROWS, BLOCK_C]
+            tl.store(dt_ptr + dt_offs, dt.to(dt_ptr.dtype.element_ty), mask=st_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+_MAX_ROWS = 2**31 - 2**20  # row indices (plus one program's overrun) stay in int32
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    dev = tensors[0].device
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
+    if dev.type != "cuda" and not _INTERPRET:
+        raise RuntimeError(
+            f"fused DIST Triton kernels need CUDA tensors, got tensors on {dev}; use the torch backend, "
+            "or set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU")
+
+
+def _row_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """(stride_b, stride_hw, stride_c) of the row view of x, or None if H, W don't flatten."""
+    if x.dim() == 2:
+        return 0, x.stride(0), x.stride(1)
+    _, _, h, w = x.shape
+    if w == 1:
+        return x.stride(0), x.stride(2), x.stride(1)
+    if h == 1 or x.stride(2) == w * x.stride(3):
+        return x.stride(0), x.stride(3), x.stride(1)
+    return None
+
+
+def _row_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, tuple[int, int, int]]:
+    """(tensor to read, N, HW, (stride_b, stride_hw, stride_c)); copies only if H, W don't flatten."""
+    if x.dim() not in (2, 4):
+        raise ValueError(f"logits must be (N, C) or (B, C, H, W), got shape {tuple(x.shape)}")
+    strides = _row_strides(x)
+    if strides is None:  # H and W cannot be addressed with one stride: one documented copy
+        x = x.contiguous()
+        strides = _row_strides(x)
+    hw = x.shape[0] if x.dim() == 2 else x.shape[2] * x.shape[3]
+    n = x.shape[0] if x.dim() == 2 else x.shape[0] * hw
+    return x, n, hw, strides
+
+
+def _prepare(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None):
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher shapes differ: {tuple(student.shape)} vs {tuple(teacher.shape)}")
+    for name, t in (("student", student), ("teacher", teacher)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} logits must be float32/float16/bfloat16/float64, got {t.dtype}")
+    if student.dim() not in (2, 4):
+        raise ValueError(f"logits must be (N, C) or (B, C, H, W), got shape {tuple(student.shape)}")
+    C = student.shape[1]
+    tp = tile_params(C)
+    _check_device(student, teacher, *(() if mask is None else (mask,)))
+    s, n, hw, s_str = _row_view(student)
+    t, _, _, t_str = _row_view(teacher)
+    if n >= _MAX_ROWS:
+        raise ValueError(f"fused DIST kernels index rows in int32: N={n} rows must be < {_MAX_ROWS}")
+    m = None
+    if mask is not None:
+        if mask.dtype not in (torch.bool, torch.uint8) or mask.dim() != 1 or mask.shape[0] != n:
+            raise ValueError(f"mask must be bool/uint8 of shape ({n},), got {mask.dtype} {tuple(mask.shape)}")
+        m = mask.contiguous()
+        if m.dtype == torch.bool:
+            m = m.view(torch.uint8)
+    return s, t, m, n, C, hw, s_str, t_str, tp
+
+
+_TUNE_CACHE: dict = {}
+
+
+def _autotune_enabled() -> bool:
+    return not _INTERPRET and os.environ.get("FASTDIST_AUTOTUNE", "1") != "0"
+
+
+def _pick_config(key, configs, default, launch, device: torch.device):
+    """Best config for `key` (benchmarked once on CUDA), else `default`. All configs compute the same bits."""
+    if not _autotune_enabled() or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return default
+    best = _TUNE_CACHE.get(key)
+    if best is None:
+        from triton.testing import do_bench
+
+        timings = [do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20) for cfg in configs]
+        best = configs[min(range(len(configs)), key=timings.__getitem__)]
+        _TUNE_CACHE[key] = best
+    return best
+
+
+def _one_image(n: int, hw: int, group_rows: int) -> bool:
+    """True when no group of `group_rows` consecutive rows spans two images."""
+    return hw == n or hw % group_rows == 0
+
+
+def _layout_key(strides: tuple[int, int, int]) -> str:
+    return "c1" if strides[2] == 1 else ("hw1" if strides[1] == 1 else "gen")
+
+
+def dist_forward_stats(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    tau: float,
+    mask: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIST statistics of one forward pass (see module docstring).
+
+    Returns row_stats float64 (2,) = [sum_i r_i, M] and col_stats float64 (5, C) =
+    [mu_p, mu_q, M2_p, M2_q, C_pq] over the kept rows. `config` forces one of FWD_CONFIGS.
+    """
+    s, t, m, n, C, hw, s_str, t_str, tp = _prepare(student, teacher, mask)
+    dev = s.device
+    if n == 0:
+        return (torch.zeros(2, dtype=torch.float64, device=dev),
+                torch.zeros(5, C, dtype=torch.float64, device=dev))
+    chunk_rows = tp["GROUP_ROWS"] * tp["MERGE_GROUPS"]
+    num_chunks = triton.cdiv(n, chunk_rows)
+    row_part = torch.empty(num_chunks, 2, dtype=torch.float32, device=dev)
+    col_part = torch.empty(num_chunks, 5, C, dtype=torch.float32, device=dev)
+    m_arg = m if m is not None else row_part  # never read when HAS_MASK is False
+
+    def launch(cfg: dict) -> None:
+        cpp = cfg["CHUNKS_PER_PROGRAM"]
+        grid = (triton.cdiv(num_chunks, cpp),)
+        _dist_fwd_kernel[grid](
+            s, t, m_arg, row_part, col_part, n, C, hw, *s_str, *t_str, float(tau), num_chunks,
+            BLOCK_C=tp["BLOCK_C"], GROUP_ROWS=tp["GROUP_ROWS"], MERGE_GROUPS=tp["MERGE_GROUPS"],
+            CHUNKS_PER_PROGRAM=cpp, HAS_MASK=m is not None, ONE_IMAGE=_one_image(n, hw, tp["GROUP_ROWS"]),
+            num_warps=tp["num_warps"], num_stages=cfg["num_stages"], maxnreg=tp["maxnreg"],
+        )
+
+    if config is None:
+        key = ("fwd", C, s.dtype, t.dtype, _layout_key(s_str), _layout_key(t_str), m is not None,
+               triton.next_power_of_2(num_chunks))
+        config = _pick_config(key, FWD_CONFIGS, _FWD_DEFAULT, launch, dev)
+    launch(config)
+    return _finalize(row_part, col_part)
+
+
+def _finalize(row_part: torch.Tensor, col_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic fp64 merge of the chunk records (multi-set form of the Chan et al. merge)."""
+    rp = row_part.double()  # (R, 2)
+    cp = col_part.double()  # (R, 5, C)
+    n_k = rp[:, 1]  # (R,)
+    total = n_k.sum()
+    row_stats = torch.stack([rp[:, 0].sum(), total])
+    w = n_k[:, None, None]  # (R, 1, 1)
+    mu = (w * cp[:, 0:2]).sum(0) / total.clamp_min(1.0)  # (2, C)
+    d = cp[:, 0:2] - mu  # (R, 2, C)
+    m2 = cp[:, 2:4].sum(0) + (w * d * d).sum(0)  # (2, C)
+    cpq = cp[:, 4].sum(0) + (n_k[:, None] * d[:, 0] * d[:, 1]).sum(0)  # (C,)
+    col_stats = torch.cat([mu, m2, cpq[None]], dim=0)  # (5, C)
+    return row_stats, col_stats
+
+
+def _grad_buffer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient to return: empty_like(x), i.e. x's dtype, shape and strides for a dense x; buffer the
+    kernel writes: the same tensor, or a contiguous one when its H, W don't flatten into one stride)."""
+    out = torch.empty_like(x)
+    if _row_strides(out) is not None:
+        return out, out
+    return out, torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def dist_backward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    tau: float,
+    mask: torch.Tensor | None,
+    col_coef: torch.Tensor,
+    row_coef: torch.Tensor,
+    grad_out: torch.Tensor,
+    need_student: bool = True,
+    need_teacher: bool = False,
+    config: dict | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Closed-form DIST gradients (see module docstring) in the inputs' dtype, shape and strides.
+
+    col_coef: float32 (5, C) [mu_p, mu_q, kB, kA_s, kA_t]; row_coef: float32 (1,) [w_row];
+    grad_out: float32 0-d (read in the kernel). `config` forces one of BWD_CONFIGS.
+    """
+    s, t, m, n, C, hw, s_str, t_str, tp = _prepare(student, teacher, mask)
+    _check_device(s, col_coef, row_coef, grad_out)
+    if not (need_student or need_teacher):
+        return None, None
+    col_coef = col_coef.to(torch.float32).contiguous()
+    row_coef = row_coef.to(torch.float32).contiguous()
+    grad_out = grad_out.to(torch.float32).contiguous()
+    if tuple(col_coef.shape) != (5, C) or row_coef.numel() != 1 or grad_out.numel() != 1:
+        raise ValueError(f"expected col_coef (5, {C}), row_coef (1,), grad_out 0-d; got "
+                         f"{tuple(col_coef.shape)}, {tuple(row_coef.shape)}, {tuple(grad_out.shape)}")
+    ds_out = ds = dt_out = dt = None
+    if need_student:
+        ds_out, ds = _grad_buffer(student)
+    if need_teacher:
+        dt_out, dt = _grad_buffer(teacher)
+    if n > 0:
+        ds_arg = ds if ds is not None else dt
+        dt_arg = dt if dt is not None else ds
+        ds_str = _row_strides(ds_arg)
+        dt_str = _row_strides(dt_arg)
+        m_arg = m if m is not None else row_coef  # never read when HAS_MASK is False
+        num_groups = triton.cdiv(n, tp["BWD_GROUP_ROWS"])
+
+        def launch(cfg: dict) -> None:
+            gpp = cfg["GROUPS_PER_PROGRAM"]
+            grid = (triton.cdiv(num_groups, gpp),)
+            _dist_bwd_kernel[grid](
+                s, t, m_arg, ds_arg, dt_arg, col_coef, row_coef, grad_out, n, C, hw,
+                *s_str, *t_str, *ds_str, *dt_str, float(tau),
+                BLOCK_C=tp["BLOCK_C"], GROUP_ROWS=tp["BWD_GROUP_ROWS"], GROUPS_PER_PROGRAM=gpp,
+                HAS_MASK=m is not None, NEED_S=bool(need_student), NEED_T=bool(need_teacher),
+                ONE_IMAGE=_one_image(n, hw, tp["BWD_GROUP_ROWS"]),
+                num_warps=tp["num_warps"], num_stages=cfg["num_stages"], maxnreg=tp["maxnreg"],
+            )
+
+        if config is None:
+            key = ("bwd", C, s.dtype, t.dtype, _layout_key(s_str), _layout_key(t_str), m is not None,
+                   bool(need_student), bool(need_teacher), triton.next_power_of_2(num_groups))
+            config = _pick_config(key, BWD_CONFIGS, _BWD_DEFAULT, launch, s.device)
+        launch(config)
+    if ds is not None and ds is not ds_out:
+        ds_out.copy_(ds)
+    if dt is not None and dt is not dt_out:
+        dt_out.copy_(dt)
+    return ds_out, dt_out
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/aot)
+# ----------------------------------------------------------------------------------------------
+
+_TRITON_TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
+
+
+def aot_kernel_specs(
+    C: int,
+    student_dtype: torch.dtype,
+    teacher_dtype: torch.dtype,
+    configs: str = "all",
+    variants: str = "all",
+    layouts: tuple[str, ...] = ("c1", "hw1"),
+    aligned: bool = False,
+) -> list[dict]:
+    """The (kernel, signature, constexprs, num_warps, num_stages) the launchers JIT for C classes.
+
+    Each entry: {"name", "fn" (the raw JITFunction), "signature", "constexprs", "num_warps",
+    "num_stages", "maxnreg"}, ready for triton.compile(ASTSource(fn, signature, constexprs), target,
+    options={"num_warps": ..., "num_stages": ..., "maxnreg": ...}).
+    configs: "all" (every autotune config) or "default". variants: "heaviest" (forward with mask,
+    backward with mask writing dS and dT, groups within one image) or "all" (also: forward without
+    mask, backward dS only / dT only, and the ONE_IMAGE=False variants). The backward is always
+    compiled with HAS_MASK=True (the mask adds one load; no mask is lighter).
+    layouts: the stride specialisations Triton makes at run time: "c1" (class stride 1: 2-D row-major,
+    channels-last), "hw1" (row stride 1: NCHW), "gen" (no unit stride). Gradients are written in the
+    input dtype (dS: student dtype, dT: teacher dtype).
+    aligned: add the divisibility-by-16 hints Triton derives at run time for torch allocations and
+    typical feature maps (every pointer; N, HW and the image strides; for "hw1" the class strides,
+    for "c1" the row strides when C % 16 == 0); entries then carry "attrs" for ASTSource (else an
+    empty dict).
+    """
+    if configs not in ("all", "default") or variants not in ("all", "heaviest"):
+        raise ValueError(f"configs must be 'all' or 'default', variants 'all' or 'heaviest'; "
+                         f"got {configs!r}, {variants!r}")
+    tp = tile_params(C)
+    s_ty, t_ty = _TRITON_TY[student_dtype], _TRITON_TY[teacher_dtype]
+    fwd_cfgs = FWD_CONFIGS if configs == "all" else (_FWD_DEFAULT,)
+    bwd_cfgs = BWD_CONFIGS if configs == "all" else (_BWD_DEFAULT,)
+    # flag variants: (HAS_MASK, ONE_IMAGE) and (NEED_S, NEED_T, ONE_IMAGE); the heaviest first
+    fwd_vars = [(True, True)]
+    bwd_vars = [(True, True, True)]
+    if variants == "all":
+        fwd_vars += [(False, True), (True, False)]
+        bwd_vars += [(True, False, True), (False, True, True), (True, True, False)]
+    specs = []
+    for layout in layouts:
+        fwd_ones = {"c1": ("s_sc", "t_sc"), "hw1": ("s_shw", "t_shw"), "gen": ()}[layout]
+        div16 = ("N", "HW", "s_sb", "t_sb", "ds_sb", "dt_sb")
+        if layout == "hw1":
+            div16 += ("s_sc", "t_sc", "ds_sc", "dt_sc")
+        elif layout == "c1" and C % 16 == 0:  # row stride = C
+            div16 += ("s_shw", "t_shw", "ds_shw", "dt_shw")
+        bwd_ones = {"c1": ("s_sc", "t_sc", "ds_sc", "dt_sc"),
+                    "hw1": ("s_shw", "t_shw", "ds_shw", "dt_shw"), "gen": ()}[layout]
+        fwd_sig = {"s_ptr": s_ty, "t_ptr": t_ty, "m_ptr": "*u8", "row_part_ptr": "*fp32",
+                   "col_part_ptr": "*fp32", "N": "i32", "C": "i32", "HW": "i32",
+                   "s_sb": "i32", "s_shw": "i32", "s_sc": "i32", "t_sb": "i32", "t_shw": "i32",
+                   "t_sc": "i32", "tau": "fp32", "num_chunks": "i32"}
+        for has_mask, one_img in fwd_vars:
+            for cfg in fwd_cfgs:
+                const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["GROUP_ROWS"],
+                         "MERGE_GROUPS": tp["MERGE_GROUPS"], "CHUNKS_PER_PROGRAM": cfg["CHUNKS_PER_PROGRAM"],
+                         "HAS_MASK": has_mask, "ONE_IMAGE": one_img, **{k: 1 for k in fwd_ones}}
+                specs.append({"name": f"fwd[C={C},{layout},mask={has_mask},one_image={one_img},cfg={cfg}]",
+                              "fn": _dist_fwd_kernel,
+                              "signature": {**fwd_sig, **{k: "constexpr" for k in const}},
+                              "constexprs": const, "num_warps": tp["num_warps"],
+                              "num_stages": cfg["num_stages"], "maxnreg": tp["maxnreg"]})
+        for need_s, need_t, one_img in bwd_vars:
+            bwd_sig = {"s_ptr": s_ty, "t_ptr": t_ty, "m_ptr": "*u8",
+                       "ds_ptr": s_ty if need_s else t_ty, "dt_ptr": t_ty if need_t else s_ty,
+                       "col_coef_ptr": "*fp32", "row_coef_ptr": "*fp32", "grad_out_ptr": "*fp32",
+                       "N": "i32", "C": "i32", "HW": "i32"}
+            for pre in ("s", "t", "ds", "dt"):
+                bwd_sig.update({f"{pre}_sb": "i32", f"{pre}_shw": "i32", f"{pre}_sc": "i32"})
+            bwd_sig["tau"] = "fp32"
+            for cfg in bwd_cfgs:
+                const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["BWD_GROUP_ROWS"],
+                         "GROUPS_PER_PROGRAM": cfg["GROUPS_PER_PROGRAM"], "HAS_MASK": True,
+                         "NEED_S": need_s, "NEED_T": need_t, "ONE_IMAGE": one_img,
+                         **{k: 1 for k in bwd_ones}}
+                specs.append({"name": f"bwd[C={C},{layout},dS={need_s},dT={need_t},one_image={one_img},"
+                                      f"cfg={cfg}]",
+                              "fn": _dist_bwd_kernel,
+                              "signature": {**bwd_sig, **{k: "constexpr" for k in const}},
+                              "constexprs": const, "num_warps": tp["num_warps"],
+                              "num_stages": cfg["num_stages"], "maxnreg": tp["maxnreg"]})
+    for sp in specs:
+        names = sp["fn"].arg_names
+        hinted = [i for i, a in enumerate(names) if sp["signature"][a].startswith("*")
+                  or (a in div16 and sp["signature"][a] != "constexpr")] if aligned else []
+        sp["attrs"] = {(i,): [["tt.divisibility", 16]] for i in hinted}
+        sp["name"] += "[aligned]" if aligned else ""
+    return specs
