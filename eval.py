@@ -19,6 +19,7 @@ from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES, DatasetError, che
 from fastdist.engine.distributed import DistributedSetupError, cleanup_distributed, setup_distributed
 from fastdist.engine.evaluation import (
     InferenceSetupError,
+    add_inference_args,
     amp_dtype_from_name,
     build_inference_model,
     evaluate,
@@ -31,21 +32,12 @@ from fastdist.engine.metrics import format_iou_table
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (names follow the reference eval.py)."""
     p = argparse.ArgumentParser(description="Evaluate a segmentation model on Cityscapes val.")
-    p.add_argument("--model", required=True, help="deeplabv3 | psp | deeplab_mobile | psp_mobile")
-    p.add_argument("--backbone", required=True, help="resnet18 | resnet50 | resnet101 | mobilenetv2")
-    p.add_argument("--data", required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")
-    p.add_argument("--pretrained", required=True, help="model checkpoint to evaluate")
+    add_inference_args(p)
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales, e.g. 0.75 1.0 1.25")
-    p.add_argument("--flip-eval", action="store_true", help="average with horizontally flipped input")
-    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--loader", choices=("auto", "torch", "dali"), default="auto",
                    help="data backend (auto: dali on CUDA, torch on CPU)")
     p.add_argument("--workers", "-j", type=int, default=4, help="loader threads/workers")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward and rank")
-    p.add_argument("--amp", default="none", help="autocast dtype: none | bf16 | fp16")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: on for CUDA)")
     p.add_argument("--save-dir", default=None, help="write the results as JSON here")
     return p.parse_args(argv)
 

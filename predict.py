@@ -29,6 +29,7 @@ from fastdist.engine.distributed import (
 )
 from fastdist.engine.evaluation import (
     InferenceSetupError,
+    add_inference_args,
     amp_dtype_from_name,
     build_inference_model,
     predict_images,
@@ -39,19 +40,10 @@ from fastdist.engine.evaluation import (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (names follow eval.py)."""
     p = argparse.ArgumentParser(description="Write Cityscapes labelId predictions for the test server.")
-    p.add_argument("--model", required=True, help="deeplabv3 | psp | deeplab_mobile | psp_mobile")
-    p.add_argument("--backbone", required=True, help="resnet18 | resnet50 | resnet101 | mobilenetv2")
-    p.add_argument("--data", required=True, help="Cityscapes root (leftImg8bit/<split>/...)")
-    p.add_argument("--pretrained", required=True, help="model checkpoint")
+    add_inference_args(p)
     p.add_argument("--save-dir", required=True, help="output folder (labelIds/ and color/ inside)")
     p.add_argument("--split", default="test", help="split to predict (default test)")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test scales, e.g. 0.75 1.0 1.25")
-    p.add_argument("--flip-eval", action="store_true", help="average with horizontally flipped input")
-    p.add_argument("--device", default="auto", help="auto | cuda | cpu")
     p.add_argument("--workers", "-j", type=int, default=4, help="threads decoding and writing PNGs")
-    p.add_argument("--amp", default="none", help="autocast dtype: none | bf16 | fp16")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: on for CUDA)")
     p.add_argument("--no-color", action="store_true", help="do not write colour visualisations")
     return p.parse_args(argv)
 

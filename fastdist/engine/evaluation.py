@@ -13,6 +13,7 @@ of the world size, counting a few images twice; single-process numbers are ident
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -175,6 +176,21 @@ def evaluate(
 # --------------------------------------------------------------------------------------------------
 # Model loading for eval.py / predict.py: every user error is an InferenceSetupError with a clear
 # message, raised before any heavy start-up (process group, data pipeline, device transfer).
+
+
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """The options eval.py and predict.py share: model, checkpoint, data, test-time augmentation, device."""
+    parser.add_argument("--model", required=True, help="deeplabv3 | psp | deeplab_mobile | psp_mobile")
+    parser.add_argument("--backbone", required=True, help="resnet18 | resnet50 | resnet101 | mobilenetv2")
+    parser.add_argument("--data", required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")
+    parser.add_argument("--pretrained", required=True, help="model checkpoint")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
+                        help="test scales, e.g. 0.75 1.0 1.25")
+    parser.add_argument("--flip-eval", action="store_true", help="average with horizontally flipped input")
+    parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    parser.add_argument("--amp", default="none", help="autocast dtype: none | bf16 | fp16")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels-last memory format (default: on for CUDA)")
 
 
 class InferenceSetupError(RuntimeError):
