@@ -1,0 +1,176 @@
+"""Training checkpoints: atomic writes, full training state, per-rank RNG states, reference export.
+
+A training checkpoint (``latest.pth``, ``best.pth``) is a dict::
+
+    {"format": "fastdist-train", "version": 1, "iteration": int, "student": state dict,
+     "optimizer": state dict, "scaler": state dict | None, "rng": [per-rank RNG states],
+     "best_miou": float | None, "best_iteration": int | None, "config": resolved configuration}
+
+It loads with ``torch.load(weights_only=True)`` (tensors and plain containers only). Every file is
+written to a temporary name in the same folder, flushed to disk and renamed over the old one, so a
+crash or preemption at any moment leaves either the old or the new file, never a torn one.
+``export_reference`` writes the plain student state dict in the reference key layout (what the
+reference ``train_kd.py`` saves and its ``eval.py`` loads).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastdist.models import to_reference_state_dict
+
+__all__ = ["BEST", "FORMAT", "LATEST", "CheckpointFormatError", "atomic_save", "export_reference",
+           "gather_rng_states", "load_training_state", "reference_export_name", "rng_state", "set_rng_state"]
+
+FORMAT = "fastdist-train"
+VERSION = 1
+LATEST = "latest.pth"
+BEST = "best.pth"
+
+
+class CheckpointFormatError(ValueError):
+    """A ``--resume`` file that is not a fastdist training checkpoint."""
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(directory)
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy a finished file atomically (same temporary-then-rename scheme)."""
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    return t.cpu().numpy().tobytes()
+
+
+def _from_bytes(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random generators (Python, NumPy, torch CPU and CUDA device) as plain values.
+
+    Plain bytes/ints only, so the states travel through ``all_gather_object`` and load under
+    ``torch.load(weights_only=True)``.
+    """
+    name, keys, *rest = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, keys.astype(np.uint32).tobytes(), *[float(v) if isinstance(v, float) else int(v)
+                                                            for v in rest]],
+        "torch": _to_bytes(torch.get_rng_state()),
+        "cuda": _to_bytes(torch.cuda.get_rng_state(device)) if device.type == "cuda" else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what `rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32).copy(), *rest))
+    torch.set_rng_state(_from_bytes(state["torch"]))
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(_from_bytes(state["cuda"]), device)
+
+
+def gather_rng_states(device: torch.device) -> list[dict[str, Any]]:
+    """Every rank's `rng_state`, in rank order (collective under a process group)."""
+    mine = rng_state(device)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def training_state(student: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, iteration: int,
+                   rng: list[dict[str, Any]], best_miou: float | None, best_iteration: int | None,
+                   config: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint dict (see the module docstring); ``student`` is the plain (unwrapped) module."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "iteration": iteration,
+        "student": to_reference_state_dict(student),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng,
+        "best_miou": best_miou,
+        "best_iteration": best_iteration,
+        "config": config,
+    }
+
+
+def load_training_state(path: str) -> dict[str, Any]:
+    """Read a training checkpoint on the CPU; raise `CheckpointFormatError` for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, not a torch file, unsupported pickle content...
+        reason = f"{type(err).__name__}: {err}"
+        raise CheckpointFormatError(f"--resume {path}: cannot read it ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointFormatError(
+            f"--resume {path} is not a fastdist training checkpoint (no optimizer/iteration state); "
+            f"to start from plain model weights use --student-pretrained {path}")
+    if state.get("version") != VERSION:
+        raise CheckpointFormatError(f"--resume {path}: checkpoint version {state.get('version')}, "
+                                    f"this fastdist reads version {VERSION}")
+    return state
+
+
+def reference_export_name(student_model: str, student_backbone: str, distilled: bool, best: bool) -> str:
+    """The file name the reference scripts use (``kd_`` prefix for distilled students)."""
+    prefix = "kd_" if distilled else ""
+    suffix = "_best_model" if best else ""
+    return f"{prefix}{student_model}_{student_backbone}_citys{suffix}.pth"
+
+
+def export_reference(student: nn.Module, path: str) -> None:
+    """Write the plain student state dict (reference key layout), atomically."""
+    atomic_save(to_reference_state_dict(student), path)

@@ -1,0 +1,197 @@
+"""The distillation set-up: teacher and student models, and the combined task + DIST loss.
+
+Recipe (reference ``train_kd.py``)::
+
+    task = CE(up(main), y) + 0.4 * CE(up(aux), y)              up: bilinear, align_corners=True
+    kd   = lambda_kd * DIST(main_s, main_t) + 0.4 * lambda_kd * DIST(aux_s, aux_t)
+
+CE ignores label 255; DIST compares the logits at their own (1/8) resolution, optionally leaving out
+masked pixels (``--kd-mask``). The aux terms exist only for models with an auxiliary head (ResNet
+backbones); a student aux head without a teacher aux head gets the CE term but no DIST term.
+
+Models are built and loaded on the CPU first (`build_student`, `build_teacher`), so an unknown name
+or a checkpoint that does not fit fails before the process group, CUDA and the data pipeline start;
+`prepare_student` / `prepare_teacher` then move them to the device in their fast form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdist.data.cityscapes import IGNORE_INDEX, NUM_CLASSES
+from fastdist.loss import DISTLoss
+from fastdist.models import CheckpointError, build_model, load_checkpoint, load_pretrained_backbone
+
+__all__ = ["AUX_WEIGHT", "DistillationLoss", "ModelLoadError", "build_student", "build_teacher",
+           "drop_unused_teacher_heads", "kd_keep_mask", "prepare_student", "prepare_teacher"]
+
+AUX_WEIGHT = 0.4
+# torch >= 2.13 renamed DDP's per-forward buffer sync flag (the old name warns).
+_DDP_PARAMS = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+_DDP_BUFFER_FLAG = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_PARAMS else "broadcast_buffers"
+Outputs = dict[str, Tensor]
+
+
+class ModelLoadError(ValueError):
+    """A weights file that cannot be read or does not fit the model named on the command line."""
+
+
+def _load(what: str, flag: str, path: str, loader: Callable[[], object], model: str, backbone: str) -> None:
+    try:
+        loader()
+    except (CheckpointError, FileNotFoundError, RuntimeError, KeyError) as err:
+        raise ModelLoadError(
+            f"{flag} {path} does not fit the {what} {model}/{backbone}: {err}\n"
+            f"Check that --{what}-model/--{what}-backbone name the network the file was trained as."
+        ) from None
+
+
+def build_student(cfg: argparse.Namespace) -> nn.Module:
+    """The student on the CPU with its initial weights (``--student-pretrained[-base]``)."""
+    model = build_model(cfg.student_model, cfg.student_backbone, NUM_CLASSES)
+    if cfg.student_pretrained_base:
+        path = cfg.student_pretrained_base
+        _load("student", "--student-pretrained-base", path, lambda: load_pretrained_backbone(model, path),
+              cfg.student_model, cfg.student_backbone)
+    if cfg.student_pretrained:
+        path = cfg.student_pretrained
+        _load("student", "--student-pretrained", path, lambda: load_checkpoint(model, path),
+              cfg.student_model, cfg.student_backbone)
+    return model
+
+
+def build_teacher(cfg: argparse.Namespace) -> nn.Module | None:
+    """The frozen teacher on the CPU (None with ``--teacher-model none``)."""
+    if cfg.teacher_model is None:
+        return None
+    model = build_model(cfg.teacher_model, cfg.teacher_backbone, NUM_CLASSES)
+    if cfg.teacher_pretrained_base:
+        path = cfg.teacher_pretrained_base
+        _load("teacher", "--teacher-pretrained-base", path, lambda: load_pretrained_backbone(model, path),
+              cfg.teacher_model, cfg.teacher_backbone)
+    if cfg.teacher_pretrained:
+        path = cfg.teacher_pretrained
+        _load("teacher", "--teacher-pretrained", path, lambda: load_checkpoint(model, path),
+              cfg.teacher_model, cfg.teacher_backbone)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def drop_unused_teacher_heads(teacher: nn.Module | None, student: nn.Module) -> None:
+    """Remove the teacher's auxiliary head when the student has none: its logits would go unused.
+
+    (A ResNet teacher with a MobileNetV2 student: this saves the FCN head on the teacher's layer3.)
+    """
+    if teacher is not None and getattr(student, "auxlayer", None) is None and hasattr(teacher, "auxlayer"):
+        teacher.auxlayer = None
+
+
+def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    if channels_last:
+        return model.to(device=device, memory_format=torch.channels_last)
+    return model.to(device=device)
+
+
+def prepare_student(model: nn.Module, device: torch.device, world_size: int, channels_last: bool,
+                    compile_model: bool) -> nn.Module:
+    """The training form of the student: SyncBatchNorm on multi-GPU, device, compile, then DDP.
+
+    ``model`` itself stays the plain module (same parameters): use it for evaluation and saving.
+    On CPU, SyncBatchNorm is not supported by torch; BatchNorm stays per-rank there and DDP
+    broadcasts rank 0's buffers each step so that all ranks keep identical statistics.
+    """
+    sync_bn = world_size > 1 and device.type == "cuda"
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = _to_device(model, device, channels_last)
+    model.train()
+    net: nn.Module = torch.compile(model) if compile_model else model
+    if world_size > 1:
+        kwargs: dict = {}
+        if sync_bn:  # SyncBN keeps the buffers identical by itself: no per-forward broadcast
+            kwargs[_DDP_BUFFER_FLAG] = False
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+            **kwargs)
+    return net
+
+
+def prepare_teacher(model: nn.Module | None, device: torch.device, channels_last: bool,
+                    compile_model: bool) -> nn.Module | None:
+    """The frozen teacher on the device (eval mode, no grad), compiled on request."""
+    if model is None:
+        return None
+    model = _to_device(model, device, channels_last).eval()
+    return torch.compile(model) if compile_model else model
+
+
+def kd_keep_mask(kind: str, images: Tensor, labels: Tensor, size: tuple[int, int]) -> Tensor | None:
+    """The (B, h, w) bool keep-mask of the DIST loss at logits resolution ``size``, or None.
+
+    ``ignore``: pixels whose nearest-downsampled label is not 255. ``pad``: pixels that are not crop
+    padding (padding = image exactly 0 in all channels *and* label 255, nearest-downsampled).
+    """
+    if kind == "none":
+        return None
+    if kind == "ignore":
+        excluded = labels == IGNORE_INDEX
+    elif kind == "pad":
+        excluded = (images == 0).all(dim=1) & (labels == IGNORE_INDEX)
+    else:
+        raise ValueError(f"unknown kd mask {kind!r}")
+    if tuple(excluded.shape[-2:]) != tuple(size):
+        excluded = F.interpolate(excluded[:, None].to(torch.uint8), size=size, mode="nearest")[:, 0].bool()
+    return ~excluded
+
+
+class DistillationLoss(nn.Module):
+    """``forward(student_out, teacher_out, labels, images) -> (task_loss, kd_loss)``, float32 0-d.
+
+    ``kd_loss`` already includes ``lambda_kd`` (and is 0 without a teacher).
+    """
+
+    def __init__(self, lambda_kd: float = 1.0, tau: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
+                 backend: str = "auto", mask: str = "none", intra_sync: bool = False) -> None:
+        super().__init__()
+        self.lambda_kd, self.mask = lambda_kd, mask
+        self.dist = DISTLoss(beta=beta, gamma=gamma, tau=tau, backend=backend, intra_sync=intra_sync)
+
+    @staticmethod
+    def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+        """CE of logits upsampled (bilinear, align_corners=True, float32) to the label size."""
+        up = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=True)
+        return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
+
+    def task_loss(self, out: Outputs, labels: Tensor) -> Tensor:
+        loss = self.cross_entropy(out["out"], labels)
+        if "aux" in out:
+            loss = loss + AUX_WEIGHT * self.cross_entropy(out["aux"], labels)
+        return loss
+
+    def kd_loss(self, out: Outputs, teacher_out: Outputs, labels: Tensor, images: Tensor) -> Tensor:
+        masks: dict[tuple[int, int], Tensor | None] = {}
+
+        def term(name: str) -> Tensor:
+            size = tuple(out[name].shape[-2:])
+            if size not in masks:
+                masks[size] = kd_keep_mask(self.mask, images, labels, size)  # type: ignore[index]
+            return self.dist(out[name], teacher_out[name], masks[size])  # type: ignore[index]
+
+        loss = term("out")
+        if "aux" in out and "aux" in teacher_out:
+            loss = loss + AUX_WEIGHT * term("aux")
+        return self.lambda_kd * loss
+
+    def forward(self, out: Outputs, teacher_out: Outputs | None, labels: Tensor,
+                images: Tensor) -> tuple[Tensor, Tensor]:
+        task = self.task_loss(out, labels)
+        if teacher_out is None:
+            return task, torch.zeros((), device=task.device, dtype=torch.float32)
+        return task, self.kd_loss(out, teacher_out, labels, images)

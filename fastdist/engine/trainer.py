@@ -1,0 +1,363 @@
+"""The training step and loop: distil (or train) the student, validate, checkpoint, survive preemption.
+
+Hot path (`Trainer.train_step`): set the poly learning rate (a Python float), forward the frozen
+teacher under ``no_grad`` and the student under autocast, task + DIST loss, backward (through a
+GradScaler for fp16), fused SGD step, ``zero_grad(set_to_none=True)``. The step never waits for the
+device: losses are summed on the device and a non-finite loss only sets a device-side flag holding
+its iteration. The host reads them at *sync points* (every ``--check-every`` iterations and at every
+log, validation and checkpoint iteration) in one small all-gather that also carries each rank's
+preemption flag, so all ranks take the same decision at the same iteration (see `signals`).
+
+Per iteration ``it`` (1-based, ``it`` steps done): sync point? -> stop on a non-finite loss (no
+checkpoint is written, the last good one stays) -> log -> validate (best checkpoint) -> save latest
+-> stop on a signal or ``--stop-at``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES
+from fastdist.engine import checkpoint as ckpt
+from fastdist.engine.config import config_dict
+from fastdist.engine.distributed import DistEnv
+from fastdist.engine.evaluation import evaluate
+from fastdist.engine.logger import RunLogger, format_duration
+from fastdist.engine.metrics import format_iou_table
+from fastdist.engine.schedule import poly_lr, set_lr
+from fastdist.engine.signals import PreemptionHandler
+
+__all__ = ["AMP_DTYPES", "SyncResult", "Trainer", "build_optimizer", "build_scaler", "configure_backends",
+           "seed_everything"]
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+_APEX_HINT = ("--optimizer apex needs NVIDIA apex with its CUDA extensions (see "
+              "https://github.com/NVIDIA/apex#installation); --optimizer sgd uses torch's fused SGD, "
+              "the same update rule")
+
+
+def build_optimizer(cfg: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum over all student parameters (reference: one group, weight decay on all)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "apex":
+        try:
+            from apex.optimizers import FusedSGD  # type: ignore[import-not-found]
+        except ImportError:
+            raise RuntimeError(_APEX_HINT) from None
+        return FusedSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # Fused (one kernel for all parameters; takes GradScaler's scale/inf flags without a host sync).
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           fused=True)
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 matmuls/convolutions and cuDNN autotuning (fixed crop sizes make benchmark mode pay)."""
+    torch.set_float32_matmul_precision("high")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+
+@dataclass
+class SyncResult:
+    """What all ranks agreed on at a sync point."""
+
+    task_loss: float  # mean over ranks and iterations since the last log
+    kd_loss: float
+    stop_requested: bool  # a rank received SIGTERM/SIGINT
+    bad_iteration: int | None  # earliest iteration with a non-finite loss on any rank
+
+
+class _Meter:
+    """Device-side loss sums and the first non-finite iteration, read only at sync points."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.bad_iteration = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = 0
+
+    def update(self, task: Tensor, kd: Tensor, iteration: int) -> None:
+        self.sums += torch.stack([task, kd])
+        bad = ~torch.isfinite(task + kd)
+        self.bad_iteration.masked_fill_(bad & (self.bad_iteration == 0), iteration)
+        self.count += 1
+
+    def sync(self, stop_flag: bool, world_size: int) -> SyncResult:
+        """One all-gather of [task_sum, kd_sum, bad_iteration, stop_flag] from every rank."""
+        flag = torch.full((), float(stop_flag), dtype=torch.float64, device=self.device)
+        local = torch.stack([self.sums[0], self.sums[1], self.bad_iteration.double(), flag])
+        if world_size > 1:
+            parts = [torch.empty_like(local) for _ in range(world_size)]
+            dist.all_gather(parts, local)
+            table = torch.stack(parts).cpu()
+        else:
+            table = local[None].cpu()
+        n = max(self.count, 1) * world_size
+        bad = [int(v) for v in table[:, 2].tolist() if v > 0]
+        return SyncResult(task_loss=float(table[:, 0].sum()) / n, kd_loss=float(table[:, 1].sum()) / n,
+                          stop_requested=bool((table[:, 3] > 0).any()),
+                          bad_iteration=min(bad) if bad else None)
+
+    def reset_sums(self) -> None:
+        self.sums.zero_()
+        self.count = 0
+
+
+@dataclass
+class _Window:
+    """Host-side timing since the last log line (validation and checkpoint time excluded)."""
+
+    start: float
+    iteration: int
+    wait: float = 0.0  # seconds spent waiting for the loader
+    paused: float = 0.0  # seconds of validation / saving inside the window
+
+
+class Trainer:
+    """Owns the models, optimizer, loaders and run state; `fit` runs to the end (or a clean stop)."""
+
+    def __init__(self, cfg: argparse.Namespace, env: DistEnv, student: nn.Module, student_module: nn.Module,
+                 teacher: nn.Module | None, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None, train_loader: Any, val_loader: Any | None,
+                 logger: RunLogger, start_iteration: int = 0, best_miou: float | None = None,
+                 best_iteration: int | None = None, rng_states: list[dict[str, Any]] | None = None) -> None:
+        self.cfg, self.env, self.log = cfg, env, logger
+        self.student, self.student_module, self.teacher = student, student_module, teacher
+        self.criterion, self.optimizer, self.scaler = criterion, optimizer, scaler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.iteration = start_iteration
+        self.best_miou, self.best_iteration = best_miou, best_iteration
+        self._rng_states = rng_states
+        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        self.meter = _Meter(env.device)
+        self.preemption = PreemptionHandler()
+        self.end = min(cfg.max_iterations, cfg.stop_at or cfg.max_iterations)
+        self._saved_at: int | None = None
+        self._window = _Window(time.perf_counter(), start_iteration)
+
+    # ----------------------------------------------------------------------------------------- step
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, images: Tensor, labels: Tensor, iteration: int) -> None:
+        """One optimisation step (``iteration`` is 1-based); no host synchronisation."""
+        set_lr(self.optimizer, poly_lr(self.cfg.lr, iteration - 1, self.cfg.max_iterations))
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            teacher_out = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_out = self.teacher(images)
+            out = self.student(images)
+            task, kd = self.criterion(out, teacher_out, labels, images)
+            loss = task + kd
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.meter.update(task.detach(), kd.detach(), iteration)
+
+    # ----------------------------------------------------------------------------------------- loop
+    def _is_sync_point(self, it: int) -> bool:
+        c = self.cfg
+        return (it % c.check_every == 0 or it % c.log_iter == 0 or it % c.save_per_iters == 0
+                or self._is_val_point(it) or it == self.end)
+
+    def _is_val_point(self, it: int) -> bool:
+        return not self.cfg.skip_val and (it % self.cfg.val_per_iters == 0 or it == self.cfg.max_iterations)
+
+    def fit(self) -> int:
+        """Train from the current iteration to the end; returns the process exit code (0 or 1)."""
+        cfg, start = self.cfg, self.iteration
+        self.log.info(f"training iterations {start + 1}..{self.end} of {cfg.max_iterations} on "
+                      f"{self.env.world_size} rank(s), {cfg.batch_per_rank} images per rank")
+        # Starting the loader (a torch DataLoader draws its base seed from the global generator on
+        # the first batch) and validation run inside fork_rng: they never move the training RNG
+        # streams, so a resumed run draws exactly what the uninterrupted run drew.
+        with self._fork_rng():
+            batches = iter(self.train_loader)
+            first = next(batches, None)
+        if first is not None:
+            batches = itertools.chain([first], batches)
+        if self._rng_states is not None:
+            self._restore_rng(self._rng_states)
+        self._window = _Window(time.perf_counter(), start)
+        with self.preemption:
+            for it in range(start + 1, self.end + 1):
+                t0 = time.perf_counter()
+                try:
+                    images, labels = next(batches)
+                except StopIteration:
+                    raise RuntimeError(f"the training loader ran out at iteration {it}") from None
+                self._window.wait += time.perf_counter() - t0
+                self.train_step(images, labels, it)
+                self.iteration = it
+                self.log.progress(it)
+                if self._is_sync_point(it):
+                    code = self._after_sync_point(it)
+                    if code is not None:
+                        return code
+        return 0
+
+    def _after_sync_point(self, it: int) -> int | None:
+        """Log / validate / save at a sync point; an exit code when the run must stop here."""
+        cfg = self.cfg
+        result = self.meter.sync(self.preemption.requested, self.env.world_size)
+        if result.bad_iteration is not None:
+            where = f"latest.pth at iteration {self._saved_at}" if self._saved_at else "none written yet"
+            self.log.info(f"ERROR: non-finite loss at iteration {result.bad_iteration} (task "
+                          f"{result.task_loss:.4g}, kd {result.kd_loss:.4g}); stopping without saving. "
+                          f"Last good checkpoint: {where} in {cfg.save_dir}. Lower --lr or try --amp off.")
+            self.log.record("event", event="non_finite_loss", iteration=result.bad_iteration)
+            return 1
+        if it % cfg.log_iter == 0 or it == self.end:
+            self._log_train(it, result)
+        stopping = result.stop_requested or it == self.end
+        saving = it % cfg.save_per_iters == 0 or stopping
+        validating = self._is_val_point(it)
+        if saving or validating:
+            self._broadcast_buffers()
+        is_best = validating and self._validate(it)
+        names = ((ckpt.LATEST,) if saving else ()) + ((ckpt.BEST,) if is_best else ())
+        if names:
+            self.save(it, names)
+        if is_best:
+            self._export(best=True)
+        if result.stop_requested and it < self.end:
+            self.log.info(f"stop requested by a signal: checkpoint at iteration {it} in {cfg.save_dir}; "
+                          f"continue with --resume {os.path.join(cfg.save_dir, ckpt.LATEST)}")
+            self.log.record("event", event="preempted", iteration=it)
+        elif it == self.end and it < cfg.max_iterations:
+            self.log.info(f"--stop-at {it} reached; continue with --resume "
+                          f"{os.path.join(cfg.save_dir, ckpt.LATEST)}")
+        if stopping:
+            self._finish(it)
+            return 0
+        return None
+
+    # ------------------------------------------------------------------------------------- logging
+    def _log_train(self, it: int, result: SyncResult) -> None:
+        window, now = self._window, time.perf_counter()
+        steps = max(it - window.iteration, 1)
+        elapsed = now - window.start - window.paused
+        wait = window.wait
+        step_s = elapsed / steps
+        ips = self.cfg.batch_size * steps / max(elapsed, 1e-9)
+        eta = step_s * (self.cfg.max_iterations - it)
+        lr = poly_lr(self.cfg.lr, it - 1, self.cfg.max_iterations)
+        mem = (torch.cuda.max_memory_allocated(self.env.device) / 2**30
+               if self.env.device.type == "cuda" else None)
+        mem_text = f" | mem {mem:.2f} GiB" if mem is not None else ""
+        self.log.info(f"it {it}/{self.cfg.max_iterations} | lr {lr:.6f} | task {result.task_loss:.4f} | "
+                      f"kd {result.kd_loss:.4f} | {ips:.1f} img/s | data {1000 * wait / steps:.1f} ms | "
+                      f"step {1000 * step_s:.1f} ms{mem_text} | eta {format_duration(eta)}")
+        self.log.record("train", iteration=it, lr=lr, task_loss=result.task_loss, kd_loss=result.kd_loss,
+                        images_per_s=ips, data_ms=1000 * wait / steps, step_ms=1000 * step_s,
+                        peak_mem_gib=mem, eta_s=eta)
+        self.meter.reset_sums()
+        self._window = _Window(now, it)
+
+    def _broadcast_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm statistics before evaluating or saving.
+
+        Under SyncBatchNorm (CUDA) they are identical already; on CPU, BatchNorm is per-rank and DDP
+        syncs buffers only at the start of a forward, so after a step they differ until the next one.
+        """
+        if self.env.world_size > 1:
+            for buf in self.student_module.buffers():
+                dist.broadcast(buf, src=0)
+
+    # ---------------------------------------------------------------------------------- validation
+    def _fork_rng(self) -> contextlib.AbstractContextManager:
+        devices = [self.env.device] if self.env.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
+
+    def _validate(self, it: int) -> bool:
+        """Evaluate on the whole val split (all ranks); True when the mIoU is a new best."""
+        assert self.val_loader is not None
+        t0 = time.perf_counter()
+        with self._fork_rng():
+            res = evaluate(self.student_module, self.val_loader, NUM_CLASSES, self.env.device,
+                           amp_dtype=self.amp_dtype)
+        miou, acc = res["mIoU"], res["pixAcc"]
+        is_best = self.best_miou is None or miou > self.best_miou
+        if is_best:
+            self.best_miou, self.best_iteration = miou, it
+        self.log.info(f"validation at it {it}: mIoU {100 * miou:.2f} | pixAcc {100 * acc:.2f} | best "
+                      f"{100 * self.best_miou:.2f} (it {self.best_iteration}) | "
+                      f"{res.get('images', '?')} images in {time.perf_counter() - t0:.1f} s\n"
+                      + format_iou_table(res["IoU"], CLASS_NAMES, miou))
+        self.log.record("val", iteration=it, mIoU=miou, pixAcc=acc, IoU=res["IoU"], best_mIoU=self.best_miou,
+                        best_iteration=self.best_iteration)
+        self._window.paused += time.perf_counter() - t0
+        return is_best
+
+    # --------------------------------------------------------------------------------- checkpoints
+    def save(self, it: int, names: tuple[str, ...] = (ckpt.LATEST,)) -> None:
+        """Write the training state under ``names`` in the save dir (collective: all ranks call it)."""
+        t0 = time.perf_counter()
+        rng = ckpt.gather_rng_states(self.env.device)
+        if self.env.is_main:
+            state = ckpt.training_state(self.student_module, self.optimizer, self.scaler, it, rng,
+                                        self.best_miou, self.best_iteration, config_dict(self.cfg))
+            first = os.path.join(self.cfg.save_dir, names[0])
+            ckpt.atomic_save(state, first)
+            for name in names[1:]:
+                ckpt.atomic_copy(first, os.path.join(self.cfg.save_dir, name))
+        if ckpt.LATEST in names:
+            self._saved_at = it
+        self._window.paused += time.perf_counter() - t0
+
+    def _restore_rng(self, states: list[dict[str, Any]]) -> None:
+        if len(states) == self.env.world_size:
+            ckpt.set_rng_state(states[self.env.rank], self.env.device)
+        else:
+            self.log.warning(f"checkpoint has RNG states of {len(states)} ranks, this run has "
+                             f"{self.env.world_size}: random streams start fresh")
+
+    def _export(self, best: bool) -> None:
+        """Rank 0 writes the plain student weights under the reference file name."""
+        if self.env.is_main:
+            name = ckpt.reference_export_name(self.cfg.student_model, self.cfg.student_backbone,
+                                              self.teacher is not None, best=best)
+            ckpt.export_reference(self.student_module, os.path.join(self.cfg.save_dir, name))
+
+    def _finish(self, it: int) -> None:
+        if it == self.cfg.max_iterations:
+            self._export(best=False)
+        best = "n/a" if self.best_miou is None else f"{100 * self.best_miou:.2f} (it {self.best_iteration})"
+        self.log.info(f"done at iteration {it}: best mIoU {best}; checkpoints in {self.cfg.save_dir}")
+        self.log.record("event", event="finished" if it == self.cfg.max_iterations else "stopped",
+                        iteration=it, best_mIoU=self.best_miou, best_iteration=self.best_iteration)
+

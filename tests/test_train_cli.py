@@ -1,0 +1,202 @@
+"""train.py's command line, fail-fast checks and the engine's small parts (in-process, fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from fastdist.engine import checkpoint as ckpt  # noqa: E402
+from fastdist.engine.config import ConfigError, build_parser, check_resume_compatible, parse_config  # noqa: E402
+from fastdist.engine.kd import DistillationLoss, kd_keep_mask  # noqa: E402
+from fastdist.engine.schedule import poly_lr  # noqa: E402
+from fastdist.engine.signals import PreemptionHandler  # noqa: E402
+from fastdist.loss.reference import dist_loss_reference  # noqa: E402
+from fastdist.models import build_model, to_reference_state_dict  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli_data")
+    from fastdist.data.synthetic import make_synthetic_cityscapes
+
+    return make_synthetic_cityscapes(root, train=4, val=2, size=(32, 64), seed=3)
+
+
+def _base(data: Path, *extra: str) -> list[str]:
+    return ["--device", "cpu", "--data", str(data), "--teacher-model", "none",
+            "--student-model", "psp_mobile", "--student-backbone", "mobilenetv2", *extra]
+
+
+def _fails_fast(argv: list[str], capsys: pytest.CaptureFixture, *needles: str) -> str:
+    start = time.perf_counter()
+    assert train.main(argv) == 2
+    assert time.perf_counter() - start < 15
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_defaults_are_the_reference_recipe() -> None:
+    args = build_parser().parse_args([])
+    assert (args.teacher_model, args.teacher_backbone) == ("deeplabv3", "resnet101")
+    assert (args.student_model, args.student_backbone) == ("deeplabv3", "resnet18")
+    assert args.crop_size == [512, 1024] and args.batch_size == 16 and args.max_iterations == 40000
+    assert (args.lr, args.momentum, args.weight_decay) == (0.02, 0.9, 5e-4)
+    assert (args.lambda_kd, args.kd_temperature) == (1.0, 1.0)
+    assert (args.kd_mask, args.kd_intra_sync) == ("none", False)
+    assert (args.log_iter, args.val_per_iters, args.save_per_iters, args.skip_val) == (10, 400, 400, False)
+
+
+def test_resolved_config_on_cpu(data: Path) -> None:
+    cfg = parse_config(_base(data, "--batch-size", "4", "--gpu-id", "0,1", "--student-pretrained", "None"))
+    assert (cfg.amp, cfg.channels_last, cfg.compile, cfg.loader) == ("off", False, False, "torch")
+    assert cfg.teacher_model is None and cfg.student_pretrained is None and cfg.batch_per_rank == 4
+    assert cfg.save_dir == os.path.join("runs", "baseline_psp_mobile_mobilenetv2") == cfg.log_dir
+
+
+def test_poly_schedule() -> None:
+    assert poly_lr(0.02, 0, 100) == pytest.approx(0.02)
+    assert poly_lr(0.02, 100, 100) == pytest.approx(1e-4)
+    assert poly_lr(0.02, 50, 100) == pytest.approx(1e-4 + (0.02 - 1e-4) * 0.5**0.9)
+
+
+def test_missing_dataset_fails_fast(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    _fails_fast(_base(tmp_path / "nowhere"), capsys, "nowhere", "fastdist.data.synthetic")
+
+
+def test_unknown_model_fails_fast(data: Path, capsys: pytest.CaptureFixture) -> None:
+    _fails_fast(_base(data, "--student-model", "unet"), capsys, "unknown student model 'unet'", "psp_mobile")
+
+
+def test_teacher_weights_are_required(data: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = _base(data, "--teacher-model", "psp_mobile", "--teacher-backbone", "mobilenetv2")
+    _fails_fast(argv, capsys, "--teacher-pretrained")
+
+
+def test_teacher_checkpoint_that_does_not_fit_fails_fast(data: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "deeplab_mobile.pth"
+    torch.save(to_reference_state_dict(build_model("deeplab_mobile", "mobilenetv2")), path)
+    argv = _base(data, "--teacher-model", "psp_mobile", "--teacher-backbone", "mobilenetv2",
+                 "--teacher-pretrained", str(path))
+    _fails_fast(argv, capsys, "does not fit the teacher psp_mobile/mobilenetv2", "--teacher-model")
+
+
+def test_resume_from_plain_weights_or_another_recipe_fails_fast(data: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    model = build_model("psp_mobile", "mobilenetv2")
+    plain = tmp_path / "plain.pth"
+    torch.save(to_reference_state_dict(model), plain)
+    _fails_fast(_base(data, "--resume", str(plain)), capsys, f"--student-pretrained {plain}")
+
+    cfg = parse_config(_base(data, "--lr", "0.01"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    state = ckpt.training_state(model, opt, None, 3, [ckpt.rng_state(torch.device("cpu"))], None, None,
+                                json.loads(json.dumps(vars(cfg), default=str)))
+    other = tmp_path / "latest.pth"
+    ckpt.atomic_save(state, str(other))
+    _fails_fast(_base(data, "--resume", str(other)), capsys, "different recipe",
+                "lr: checkpoint 0.01, now 0.02")
+
+
+def test_batch_must_split_over_ranks(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="not divisible"):
+        parse_config(_base(data, "--batch-size", "4"))
+
+
+def test_apex_optimizer_needs_apex(data: Path, capsys: pytest.CaptureFixture) -> None:
+    _fails_fast(_base(data, "--optimizer", "apex"), capsys, "NVIDIA apex", "--optimizer sgd")
+
+
+def test_resume_compatibility_notes(data: Path) -> None:
+    cfg = parse_config(_base(data, "--amp", "bf16"))
+    saved = json.loads(json.dumps(vars(cfg), default=str))
+    saved.update(amp="off", world_size=2)
+    notes = check_resume_compatible(saved, cfg)
+    assert any("world size" in n for n in notes) and any("amp" in n for n in notes)
+
+
+def test_kd_masks() -> None:
+    images = torch.randn(2, 3, 16, 16)
+    labels = torch.randint(0, 19, (2, 16, 16))
+    images[0, :, :, 8:] = 0  # padding: image 0 in all channels and label 255
+    labels[0, :, 8:] = 255
+    labels[1, :8] = 255  # ignored but not padding
+    pad = kd_keep_mask("pad", images, labels, (4, 4))
+    ignore = kd_keep_mask("ignore", images, labels, (4, 4))
+    assert pad.shape == ignore.shape == (2, 4, 4) and pad.dtype == torch.bool
+    assert not pad[0, :, 2:].any() and pad[0, :, :2].all() and pad[1].all()
+    assert not ignore[1, :2].any() and ignore[1, 2:].all() and not ignore[0, :, 2:].any()
+    assert kd_keep_mask("none", images, labels, (4, 4)) is None
+
+
+def test_distillation_loss_is_the_recipe() -> None:
+    torch.manual_seed(0)
+    s = {"out": torch.randn(2, 19, 4, 8, requires_grad=True), "aux": torch.randn(2, 19, 4, 8)}
+    t = {"out": torch.randn(2, 19, 4, 8), "aux": torch.randn(2, 19, 4, 8)}
+    labels = torch.randint(0, 19, (2, 32, 64))
+    labels[:, :4] = 255
+    crit = DistillationLoss(lambda_kd=0.5, backend="torch")
+    task, kd = crit(s, t, labels, torch.randn(2, 3, 32, 64))
+    ce = DistillationLoss.cross_entropy
+    assert task.item() == pytest.approx((ce(s["out"], labels) + 0.4 * ce(s["aux"], labels)).item())
+    want = 0.5 * dist_loss_reference(s["out"], t["out"]) + 0.2 * dist_loss_reference(s["aux"], t["aux"])
+    assert kd.item() == pytest.approx(want.item(), rel=1e-5)
+    task_only, zero = crit(s, None, labels, torch.randn(2, 3, 32, 64))
+    assert zero.item() == 0 and task_only.item() == pytest.approx(task.item())
+
+
+def test_preemption_handler_sets_a_flag() -> None:
+    with PreemptionHandler() as handler:
+        assert not handler.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert handler.requested and handler.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with PreemptionHandler() as handler:  # Ctrl-C under torchrun: terminal + agent deliver SIGINT twice
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert handler.received == signal.SIGINT
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pth"
+    ckpt.atomic_save({"a": torch.ones(2)}, str(path))
+    with pytest.raises(Exception):  # noqa: B017 - a lambda cannot be pickled
+        ckpt.atomic_save({"a": lambda: 0}, str(path))
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
+
+
+def test_rng_states_round_trip() -> None:
+    device = torch.device("cpu")
+    state = ckpt.rng_state(device)
+    first = torch.rand(4)
+    torch.rand(7)
+    ckpt.set_rng_state(state, device)
+    assert torch.equal(torch.rand(4), first)
+
+
+def test_unused_teacher_aux_head_is_dropped() -> None:
+    from fastdist.engine.kd import drop_unused_teacher_heads
+
+    teacher, student = build_model("deeplabv3", "resnet18").eval(), build_model("psp_mobile", "mobilenetv2")
+    drop_unused_teacher_heads(teacher, student)
+    assert list(teacher(torch.randn(1, 3, 32, 32))) == ["out"]
+    teacher = build_model("deeplabv3", "resnet18")
+    drop_unused_teacher_heads(teacher, build_model("psp", "resnet18"))
+    assert teacher.auxlayer is not None
