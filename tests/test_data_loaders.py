@@ -188,6 +188,16 @@ def test_torch_workers_match_main_process(synth: Path) -> None:
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_loader_leaves_global_rng_alone(synth: Path, workers: int) -> None:
+    """Exact resume needs the training RNG to be independent of how the data is loaded."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    collect(loader(synth, "train", "torch", max_iterations=2, num_threads=workers))
+    assert torch.equal(torch.rand(4), expected)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_val_sharding_through_loader(synth: Path, backend: str, world_size: int) -> None:

@@ -173,6 +173,8 @@ class TorchLoader(Loader):
             persistent_workers=workers > 0,
             worker_init_fn=_worker_init if workers > 0 else None,
             prefetch_factor=4 if workers > 0 else None,
+            # worker seeds from a private generator: iterating never moves the global torch RNG
+            generator=torch.Generator().manual_seed(schedule.seed),
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
