@@ -16,7 +16,12 @@ import sys
 import time
 
 from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES, DatasetError, check_dataset
-from fastdist.engine.distributed import DistributedSetupError, cleanup_distributed, setup_distributed
+from fastdist.engine.distributed import (
+    DistributedSetupError,
+    cleanup_distributed,
+    exit_process,
+    setup_distributed,
+)
 from fastdist.engine.evaluation import (
     InferenceSetupError,
     add_inference_args,
@@ -103,4 +108,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -25,6 +25,7 @@ from fastdist.engine.distributed import (
     DistributedSetupError,
     barrier,
     cleanup_distributed,
+    exit_process,
     setup_distributed,
 )
 from fastdist.engine.evaluation import (
@@ -84,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -22,7 +22,7 @@ import torch
 from fastdist.data import build_loader
 from fastdist.engine import checkpoint as ckpt
 from fastdist.engine.config import ConfigError, check_resume_compatible, parse_config, save_config
-from fastdist.engine.distributed import DistEnv, barrier, cleanup_distributed, setup_distributed
+from fastdist.engine.distributed import DistEnv, barrier, cleanup_distributed, exit_process, setup_distributed
 from fastdist.engine.kd import (
     DistillationLoss,
     ModelLoadError,
@@ -131,4 +131,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

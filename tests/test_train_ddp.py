@@ -53,7 +53,9 @@ def _probe(out: Path, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_probe(Path(sys.argv[1]), sys.argv[3:]))
+    from fastdist.engine.distributed import exit_process
+
+    exit_process(_probe(Path(sys.argv[1]), sys.argv[3:]))
 
 
 # ---------------------------------------------------------------------------------------- helpers
