@@ -52,33 +52,30 @@ def _load(what: str, flag: str, path: str, loader: Callable[[], object], model: 
         ) from None
 
 
+def _build_role(cfg: argparse.Namespace, role: str) -> nn.Module:
+    """``role`` ("student" or "teacher") on the CPU with ``--<role>-pretrained-base`` and then
+    ``--<role>-pretrained`` loaded (each only when given)."""
+    name, backbone = getattr(cfg, f"{role}_model"), getattr(cfg, f"{role}_backbone")
+    model = build_model(name, backbone, NUM_CLASSES)
+    base, full = getattr(cfg, f"{role}_pretrained_base"), getattr(cfg, f"{role}_pretrained")
+    if base:
+        _load(role, f"--{role}-pretrained-base", base, lambda: load_pretrained_backbone(model, base),
+              name, backbone)
+    if full:
+        _load(role, f"--{role}-pretrained", full, lambda: load_checkpoint(model, full), name, backbone)
+    return model
+
+
 def build_student(cfg: argparse.Namespace) -> nn.Module:
     """The student on the CPU with its initial weights (``--student-pretrained[-base]``)."""
-    model = build_model(cfg.student_model, cfg.student_backbone, NUM_CLASSES)
-    if cfg.student_pretrained_base:
-        path = cfg.student_pretrained_base
-        _load("student", "--student-pretrained-base", path, lambda: load_pretrained_backbone(model, path),
-              cfg.student_model, cfg.student_backbone)
-    if cfg.student_pretrained:
-        path = cfg.student_pretrained
-        _load("student", "--student-pretrained", path, lambda: load_checkpoint(model, path),
-              cfg.student_model, cfg.student_backbone)
-    return model
+    return _build_role(cfg, "student")
 
 
 def build_teacher(cfg: argparse.Namespace) -> nn.Module | None:
     """The frozen teacher on the CPU (None with ``--teacher-model none``)."""
     if cfg.teacher_model is None:
         return None
-    model = build_model(cfg.teacher_model, cfg.teacher_backbone, NUM_CLASSES)
-    if cfg.teacher_pretrained_base:
-        path = cfg.teacher_pretrained_base
-        _load("teacher", "--teacher-pretrained-base", path, lambda: load_pretrained_backbone(model, path),
-              cfg.teacher_model, cfg.teacher_backbone)
-    if cfg.teacher_pretrained:
-        path = cfg.teacher_pretrained
-        _load("teacher", "--teacher-pretrained", path, lambda: load_checkpoint(model, path),
-              cfg.teacher_model, cfg.teacher_backbone)
+    model = _build_role(cfg, "teacher")
     model.eval()
     model.requires_grad_(False)
     return model
