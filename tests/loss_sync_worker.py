@@ -67,4 +67,7 @@ def main(out_dir: Path, backends: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from fastdist.engine.distributed import exit_process
+
     main(Path(sys.argv[1]), sys.argv[2].split(","))
+    exit_process(0)

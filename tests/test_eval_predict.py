@@ -149,7 +149,7 @@ _DDP_SCRIPT = """
 import json, sys
 import torch
 from torch import nn
-from fastdist.engine.distributed import setup_distributed, cleanup_distributed
+from fastdist.engine.distributed import setup_distributed, cleanup_distributed, exit_process
 from fastdist.engine.evaluation import evaluate, infer_logits
 from fastdist.engine.metrics import ConfusionMatrix
 
@@ -169,6 +169,7 @@ with torch.inference_mode():
 if env.is_main:
     json.dump({"dist": res, "single": {**local.compute(), "images": 10}}, open(sys.argv[1], "w"))
 cleanup_distributed()
+exit_process(0)
 """
 
 

@@ -161,7 +161,7 @@ def torchrun(script: Path, args: list[str], nproc: int = 2,
 _DIST_SCRIPT = """
 import json, sys
 import numpy as np, torch
-from fastdist.engine.distributed import setup_distributed, cleanup_distributed
+from fastdist.engine.distributed import setup_distributed, cleanup_distributed, exit_process
 from fastdist.engine.metrics import ConfusionMatrix
 
 env = setup_distributed("cpu")
@@ -178,6 +178,7 @@ if env.is_main:
     json.dump({"world": env.world_size, "dist": cm.compute(), "single": single.compute(),
                "equal": bool(torch.equal(cm.matrix, single.matrix))}, open(sys.argv[1], "w"))
 cleanup_distributed()
+exit_process(0)
 """
 
 
