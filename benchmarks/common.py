@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -393,6 +393,24 @@ def default_out_dir(env: dict[str, Any], out: str | None) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     return results_folder(env)
+
+
+class RunContext(NamedTuple):
+    """What every benchmark resolves before measuring: device, environment, peaks, output, time budget."""
+
+    device: str
+    env: dict[str, Any]
+    peak: DevicePeak | None  # None on CPU and on GPUs missing from the peak table
+    out_dir: Path
+    budget: Budget
+
+
+def run_context(args: Any) -> RunContext:
+    """The :class:`RunContext` of a benchmark's parsed ``--device``, ``--out`` and ``--time-budget``."""
+    device = resolve_device(args.device)
+    env = capture_env(device)
+    peak = lookup_peak(env["device_name"]) if env["is_cuda"] else None
+    return RunContext(device, env, peak, default_out_dir(env, args.out), Budget(args.time_budget))
 
 
 def matplotlib_pyplot() -> Any | None:

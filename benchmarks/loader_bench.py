@@ -298,10 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON document (also written to disk)."""
-    device = common.resolve_device(args.device)
-    env = common.capture_env(device)
-    out_dir = common.default_out_dir(env, args.out)
-    budget = common.Budget(args.time_budget)
+    device, env, _, out_dir, budget = common.run_context(args)
     t_start = time.perf_counter()
     root = ensure_dataset(args)
     rows: list[dict[str, Any]] = []

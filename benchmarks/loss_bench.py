@@ -386,12 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON document (also written to disk)."""
-    device = common.resolve_device(args.device)
-    env = common.capture_env(device)
-    peak = common.lookup_peak(env["device_name"]) if env["is_cuda"] else None
-    out_dir = common.default_out_dir(env, args.out)
+    device, env, peak, out_dir, budget = common.run_context(args)
     cases = quick_cases() if args.quick else all_cases(args.shapes, args.dtypes, args.layouts)
-    budget = common.Budget(args.time_budget)
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for index, case in enumerate(cases):

@@ -277,11 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON document (also written to disk)."""
     import torch
 
-    device = common.resolve_device(args.device)
-    env = common.capture_env(device)
-    peak = common.lookup_peak(env["device_name"]) if env["is_cuda"] else None
-    out_dir = common.default_out_dir(env, args.out)
-    budget = common.Budget(args.time_budget)
+    device, env, peak, out_dir, budget = common.run_context(args)
     fused_backend = "triton" if env["is_cuda"] else "torch"
     t_start = time.perf_counter()
     args.backend_settings = configure_backends(device)
