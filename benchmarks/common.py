@@ -405,6 +405,16 @@ class RunContext(NamedTuple):
     budget: Budget
 
 
+def add_run_args(parser: Any, quick_help: str) -> None:
+    """The options :func:`run_context` reads: ``--device``, ``--out``, ``--quick``, ``--time-budget``."""
+    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default benchmarks/results/<device>-<date>/)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds; rows left when it runs out are written as 'skipped: time budget'")
+
+
 def run_context(args: Any) -> RunContext:
     """The :class:`RunContext` of a benchmark's parsed ``--device``, ``--out`` and ``--time-budget``."""
     device = resolve_device(args.device)

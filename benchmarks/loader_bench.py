@@ -267,10 +267,9 @@ def build_step(args: argparse.Namespace, device: str) -> tuple[Callable[[Any, An
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (batches' device)")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>/)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 8 images of 128x256, crop 64x128 (with --with-step: train_bench --quick)")
+    common.add_run_args(
+        p, "smoke run: 8 images of 128x256, crop 64x128 (with --with-step: train_bench --quick)"
+    )
     p.add_argument("--root", default=None, help="an existing Cityscapes tree (default: synthetic)")
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "fastdist-loader-bench"),
                    help="where the synthetic set is generated (reused when present)")
@@ -287,8 +286,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--step-config", default="+fused_loss", help="train_bench configuration of the KD step")
     p.add_argument("--step-threads", type=int, default=8, help="threads for the data-wait / GPU-share runs")
     p.add_argument("--step-iters", type=int, default=20)
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; rows left when it runs out are written as 'skipped: time budget'")
     args = p.parse_args(argv)
     if args.quick:
         args.num_images, args.image_size, args.crop = 8, [128, 256], [64, 128]

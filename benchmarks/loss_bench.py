@@ -363,9 +363,7 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> Path | 
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>/)")
-    p.add_argument("--quick", action="store_true", help="a few small cases (CI smoke run, < 1 min on CPU)")
+    common.add_run_args(p, "a few small cases (CI smoke run, < 1 min on CPU)")
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -375,8 +373,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode of reference+compile (default, max-autotune-no-cudagraphs, ...)")
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; cases left when it runs out are written as 'skipped: time budget'")
     p.add_argument("--no-accuracy", action="store_true", help="skip the float64 accuracy check")
     args = p.parse_args(argv)
     if args.quick:

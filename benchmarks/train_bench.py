@@ -248,10 +248,7 @@ def release(device: str) -> None:
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>/)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 16x32 crops, R18 teacher, 1 warm-up + 2 steps, no torch.compile")
+    common.add_run_args(p, "smoke run: 16x32 crops, R18 teacher, 1 warm-up + 2 steps, no torch.compile")
     p.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8], help="first = the ablation's batch")
     p.add_argument("--size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
     p.add_argument("--configs", nargs="+", default=CONFIG_ORDER, choices=CONFIG_ORDER)
@@ -263,8 +260,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--student-backbone", default="resnet18")
     p.add_argument("--num-classes", type=int, default=19)
     p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--time-budget", type=float, default=None,
-                   help="seconds; rows left when it runs out are written as 'skipped: time budget'")
     args = p.parse_args(argv)
     if args.quick:  # a smoke run of the machinery, not a performance figure
         args.size, args.batches, args.warmup, args.steps = [16, 32], args.batches[:1], 1, 2
