@@ -38,6 +38,13 @@ def global_batch(backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return images.to(dtype_for(backend)), teacher.to(dtype_for(backend)), mask
 
 
+def constant_rows(rows: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student, teacher) (rows, 4) float64 with all rows equal: every column is constant on every rank."""
+    s = torch.tensor([[0.5, -1.0, 2.0, 0.0]], dtype=torch.float64).repeat(rows, 1)
+    t = torch.tensor([[1.5, 0.0, -2.0, 1.0]], dtype=torch.float64).repeat(rows, 1)
+    return s, t
+
+
 def step(model: nn.Module, images, teacher, mask, backend: str, intra_sync: bool, group=None):
     crit = fastdist.DISTLoss(backend=backend, intra_sync=intra_sync, process_group=group, **LOSS_KW)
     loss = crit(model(images), teacher, mask)
@@ -62,6 +69,12 @@ def main(out_dir: Path, backends: list[str]) -> None:
     model = DistributedDataParallel(make_model("torch"))
     group = dist.new_group()
     results["torch", "group"] = step(model, images[part], teacher[part], mask[part], "torch", True, group)
+    for backend in ("torch", "reference"):
+        s, t = constant_rows()
+        s.requires_grad_(True)
+        loss = fastdist.dist_loss(s, t, backend=backend, intra_sync=True, **LOSS_KW)
+        loss.backward()
+        results[backend, "constant"] = (loss.detach(), [s.grad.clone()])
     torch.save(results, out_dir / f"rank{rank}.pt")
     dist.destroy_process_group()
 

@@ -188,7 +188,7 @@ def test_mask_flat_equals_pixel_mask(backend):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mask_all_dropped(backend):
     """No kept rows: both correlations are taken as 0, so loss = tau^2 (beta + gamma), zero gradients."""
     s, t = make((2, 5, 3, 3), seed=7)

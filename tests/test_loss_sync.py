@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from loss_sync_worker import LOSS_KW, dtype_for, global_batch, make_model, step
+from loss_sync_worker import LOSS_KW, constant_rows, dtype_for, global_batch, make_model, step
 
 import fastdist
 
@@ -57,6 +57,22 @@ def test_explicit_process_group(ranks):
         (loss_g, grads_g), (loss_d, grads_d) = r["torch", "group"], r["torch", True]
         assert torch.equal(loss_g, loss_d)
         assert all(torch.equal(a, b) for a, b in zip(grads_g, grads_d, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_intra_sync_constant_columns(ranks, backend):
+    """Columns constant over the whole global batch: finite, the single-process loss, W x its gradient."""
+    s, t = constant_rows(rows=6)  # both ranks' rows together
+    s.requires_grad_(True)
+    loss_1 = fastdist.dist_loss(s, t, backend=backend, **LOSS_KW)
+    (grad_1,) = torch.autograd.grad(loss_1, s)
+    for r in ranks:
+        loss, (grad,) = r[backend, "constant"]
+        assert torch.isfinite(grad).all() and grad.abs().max() > 0
+        torch.testing.assert_close(loss, loss_1.detach(), rtol=1e-12, atol=0)
+        # A = p - mu_p is a rounding residue (~1e-17) here, which the column term's 1/(0 + 1e-8) scales
+        # by 1e8: the merged and the single-process statistics round differently, so 1e-6 of the max
+        torch.testing.assert_close(grad, 2 * grad_1[:3], rtol=0, atol=1e-6 * grad_1.abs().max().item())
 
 
 def test_intra_sync_needs_process_group():

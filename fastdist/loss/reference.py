@@ -6,8 +6,10 @@ As in the DIST_KD code: ``y_s = softmax(z_s / tau)``, ``y_t = softmax(z_t / tau)
 (classes), ``loss = tau^2 * (beta * inter + gamma * intra)``. A 4-D (B, C, H, W) input is first turned
 into B*H*W rows by ``permute(0, 2, 3, 1).reshape(-1, C)`` (the DIST_KD segmentation code uses
 ``transpose(1, 3)``, i.e. (b, w, h) row order; the loss does not depend on the row order, and (b, h, w)
-matches the (B, H, W) mask). A mask keeps only its rows. The math runs in float32 (float64 for float64
-input), so, like the published code, its column sums lose accuracy for millions of rows on CPU.
+matches the (B, H, W) mask). A mask keeps only its rows; with no kept row both correlations are taken
+as 0 (loss ``tau^2 * (beta + gamma)``, zero gradients), as in the fused backends. The math runs in
+float32 (float64 for float64 input), so, like the published code, its column sums lose accuracy for
+millions of rows on CPU.
 
 With ``intra_sync`` the terms are taken over the rows of all ranks: each rank's per-row correlation
 sum and Chan column statistics are all-gathered differentiably and merged in rank order, so the
@@ -54,9 +56,15 @@ def _synced_terms(p: Tensor, q: Tensor, process_group: object) -> tuple[Tensor, 
     row, col = rows[0], cols[0].view_as(col)
     for rank in range(1, rows.shape[0]):
         row, col = merge_stats(row, col, rows[rank], cols[rank].view_as(col))
-    inter = 1 - row[0] / row[1]
-    intra = 1 - (col[4] / (col[2].sqrt() * col[3].sqrt() + EPS)).mean()
+    inter = 1 - row[0] / row[1].clamp_min(1)
+    intra = 1 - (col[4] / (_sqrt0(col[2]) * _sqrt0(col[3]) + EPS)).mean()
     return inter, intra
+
+
+def _sqrt0(x: Tensor) -> Tensor:
+    """sqrt with gradient 0 at 0 (a column constant over all ranks), like the norm in ``_cosine``."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, 1).sqrt(), 0)
 
 
 def dist_loss_reference(
@@ -76,6 +84,8 @@ def dist_loss_reference(
     p, q = _probs(student, tau, mask), _probs(teacher, tau, mask)
     if intra_sync:
         inter, intra = _synced_terms(p, q, process_group)
+    elif p.shape[0] == 0:  # no kept row: 1 with zero gradients for both inputs
+        inter = intra = 1 + p.sum() + q.sum()
     else:
         inter = 1 - _pearson(p, q).mean()
         intra = 1 - _pearson(p.t(), q.t()).mean()
