@@ -247,7 +247,6 @@ def _dist_fwd_kernel(
             kept = row_ok  # [GROUP_ROWS]
             if HAS_MASK:
                 kept = kept & (tl.load(m_ptr + rows, mask=row_ok, other=0) != 0)
-            kf = kept.to(tl.float32)  # [GROUP_ROWS]
 
             # row Pearson terms
             a = _row_center(p, col_ok, C)  # [GROUP_ROWS, BLOCK_C]
@@ -258,10 +257,13 @@ def _dist_fwd_kernel(
             r = tl.where(kept, ab / (na * nb + 1e-8), 0.0)  # [GROUP_ROWS]
 
             # centred column statistics of this group (two passes over the tile in registers)
-            n_g = tl.sum(kf, axis=0)
+            n_g = tl.sum(kept.to(tl.float32), axis=0)
             inv_n = 1.0 / tl.maximum(n_g, 1.0)
-            mu_pg = tl.sum(p * kf[:, None], axis=0) * inv_n  # [BLOCK_C]
-            mu_qg = tl.sum(q * kf[:, None], axis=0) * inv_n  # [BLOCK_C]
+            # where(), not a product with the 0/1 mask: excluded rows may hold NaN/inf (NaN * 0 = NaN)
+            p = tl.where(kept[:, None], p, 0.0)  # [GROUP_ROWS, BLOCK_C]
+            q = tl.where(kept[:, None], q, 0.0)  # [GROUP_ROWS, BLOCK_C]
+            mu_pg = tl.sum(p, axis=0) * inv_n  # [BLOCK_C]
+            mu_qg = tl.sum(q, axis=0) * inv_n  # [BLOCK_C]
             dp = tl.where(kept[:, None], p - mu_pg[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
             dq = tl.where(kept[:, None], q - mu_qg[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
             m2p_g = tl.sum(dp * dp, axis=0)  # [BLOCK_C]

@@ -45,9 +45,10 @@ def constant_rows(rows: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     return s, t
 
 
-def step(model: nn.Module, images, teacher, mask, backend: str, intra_sync: bool, group=None):
+def step(model: nn.Module, images, teacher, mask, backend: str, intra_sync: bool, group=None, compiled=False):
     crit = fastdist.DISTLoss(backend=backend, intra_sync=intra_sync, process_group=group, **LOSS_KW)
-    loss = crit(model(images), teacher, mask)
+    loss_fn = torch.compile(crit, fullgraph=True) if compiled else crit
+    loss = loss_fn(model(images), teacher, mask)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
@@ -69,6 +70,11 @@ def main(out_dir: Path, backends: list[str]) -> None:
     model = DistributedDataParallel(make_model("torch"))
     group = dist.new_group()
     results["torch", "group"] = step(model, images[part], teacher[part], mask[part], "torch", True, group)
+    # the same under torch.compile(fullgraph=True): the group reaches the custom op by its name
+    model = DistributedDataParallel(make_model("torch"))
+    results["torch", "group", "compiled"] = step(
+        model, images[part], teacher[part], mask[part], "torch", True, group, compiled=True
+    )
     for backend in ("torch", "reference"):
         s, t = constant_rows()
         s.requires_grad_(True)

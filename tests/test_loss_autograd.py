@@ -53,11 +53,12 @@ def test_opcheck(backend, masked, channels_last):
         torch.library.opcheck(ops.dist_loss_bwd, args)
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_compile_fullgraph_matches_eager(backend):
     """A small conv net plus the loss (with a mask) compiles without graph breaks; fwd/bwd equal eager."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 1))
-    crit = fastdist.DISTLoss(beta=2.0, gamma=2.0, tau=4.0, backend="torch")
+    crit = fastdist.DISTLoss(beta=2.0, gamma=2.0, tau=4.0, backend=backend)
     x = torch.randn(2, 3, 8, 10)
     teacher = torch.randn(2, 6, 8, 10)
     mask = torch.rand(2, 8, 10) < 0.8

@@ -178,6 +178,23 @@ def test_mask_parity(backend, shape, channels_last, device):
     assert_grad_close(rows_dt[~dropped], d_tk.double(), 1e-5, "kept teacher rows")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_logits_in_excluded_rows(backend, bad):
+    """Excluded rows are not read into the loss: NaN/inf there (e.g. overflow in padding) changes nothing."""
+    s, t = make((2, 6, 5, 7), seed=6)
+    mask = random_mask((2, 6, 5, 7), seed=3)
+    clean = run_backend(backend, s, t, 1.0, 2.0, 2.0, mask=mask)
+    dropped = ~mask
+    s_bad, t_bad = s.clone(), t.clone()
+    s_bad.movedim(1, -1)[dropped] = bad  # whole rows (all classes) of the dropped pixels
+    t_bad[:, 2][dropped] = bad  # one class of the dropped pixels
+    got = run_backend(backend, s_bad, t_bad, 1.0, 2.0, 2.0, mask=mask)
+    assert math.isfinite(got[0].item())
+    for x, y in zip(got, clean, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mask_flat_equals_pixel_mask(backend):
     s, t = make((2, 5, 4, 3), seed=6)

@@ -59,6 +59,15 @@ def test_explicit_process_group(ranks):
         assert all(torch.equal(a, b) for a, b in zip(grads_g, grads_d, strict=True))
 
 
+def test_explicit_process_group_compiled(ranks):
+    """The loss with an explicit group under torch.compile(fullgraph=True) gives the eager result."""
+    for r in ranks:
+        (loss_c, grads_c), (loss_e, grads_e) = r["torch", "group", "compiled"], r["torch", "group"]
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-12, atol=0)
+        for a, b in zip(grads_c, grads_e, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * b.abs().max().item())
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_intra_sync_constant_columns(ranks, backend):
     """Columns constant over the whole global batch: finite, the single-process loss, W x its gradient."""

@@ -36,10 +36,11 @@ def _pearson(a: Tensor, b: Tensor) -> Tensor:
     return _cosine(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True))
 
 
-def _probs(x: Tensor, tau: float, mask: Tensor | None) -> Tensor:
+def _probs(x: Tensor, tau: float, kept: Tensor | None) -> Tensor:
+    """Softmax over the classes of the rows of ``x`` (only the rows indexed by ``kept``)."""
     rows = _rows(x).to(torch.promote_types(x.dtype, torch.float32))
-    if mask is not None:
-        rows = rows[mask.reshape(-1)]
+    if kept is not None:
+        rows = rows.index_select(0, kept)
     return (rows / tau).softmax(dim=1)
 
 
@@ -81,13 +82,16 @@ def dist_loss_reference(
 
     Returns a float32 0-d tensor (float64 when an input is float64).
     """
-    p, q = _probs(student, tau, mask), _probs(teacher, tau, mask)
+    # one index for both inputs: under torch.compile both then have the same (data-dependent) row count
+    kept = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+    p, q = _probs(student, tau, kept), _probs(teacher, tau, kept)
     if intra_sync:
         inter, intra = _synced_terms(p, q, process_group)
-    elif p.shape[0] == 0:  # no kept row: 1 with zero gradients for both inputs
-        inter = intra = 1 + p.sum() + q.sum()
     else:
-        inter = 1 - _pearson(p, q).mean()
+        # mean over the rows, 0 without a kept row (no branch on the data-dependent row count, so
+        # torch.compile(fullgraph=True) traces it); the columns' sums over no row are 0 already
+        r = _pearson(p, q)
+        inter = 1 - r.sum() / torch.ones_like(r).sum().clamp_min(1)
         intra = 1 - _pearson(p.t(), q.t()).mean()
     loss = tau**2 * (beta * inter + gamma * intra)
     return loss.to(output_dtype(student, teacher))

@@ -3,29 +3,30 @@
 Only ``row_stats`` (2,) and ``col_stats`` (5, C) cross the network: every rank all-gathers them and
 merges them in rank order with the exact Chan merge, so all ranks hold bitwise-identical global
 statistics (and loss). The process group is handed to the custom ops as a string key
-(:func:`group_key`), since an op schema cannot carry a ``ProcessGroup``.
+(:func:`group_key`, its registered name), since an op schema cannot carry a ``ProcessGroup``.
 """
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .stats import merge_stats
 
-_GROUPS: dict[str, object] = {}
-
 
 def group_key(process_group: object) -> str:
-    """A string naming ``process_group`` (None: the default group) for the custom-op schema."""
+    """A string naming ``process_group`` (None: the default group) for the custom-op schema.
+
+    The group's registered name (what ``torch.distributed`` resolves functional collectives by), so
+    no Python-side registry is written: that side effect would not happen under ``torch.compile``.
+    """
     if process_group is None:
         return ""
-    key = f"pg{id(process_group)}"
-    _GROUPS[key] = process_group
-    return key
+    return process_group.group_name  # type: ignore[attr-defined]
 
 
 def resolve_group(key: str) -> object:
-    return _GROUPS[key] if key else None
+    return _resolve_process_group(key) if key else None
 
 
 def _require_initialized() -> None:
