@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES, DatasetError, check_dataset
+from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES, DatasetError, check_dataset, list_pairs
 from fastdist.engine.distributed import (
     DistributedSetupError,
     cleanup_distributed,
@@ -55,6 +55,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise InferenceSetupError(f"--scales must be positive, got {args.scales}")
     amp_dtype_from_name(args.amp)
     check_dataset(args.data, args.split)
+    if any(pair.label is None for pair in list_pairs(args.data, args.split)):
+        raise InferenceSetupError(f"split {args.split!r} under {args.data} has no labels (no gtFine/"
+                                  f"{args.split}): there is nothing to score; predict.py writes predictions")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     backend = args.loader if args.loader != "auto" else ("dali" if env.device.type == "cuda" else "torch")
     loader = build_loader(args.data, args.split, args.batch_size, backend=backend, device=env.device,
                           rank=env.rank, world_size=env.world_size, num_threads=args.workers,
-                          channels_last=channels_last)
+                          channels_last=channels_last, augment=False)  # whole images, also for train
     start = time.perf_counter()
     result = evaluate(model, loader, NUM_CLASSES, env.device, scales=tuple(args.scales),
                       flip=args.flip_eval, amp_dtype=amp_dtype_from_name(args.amp))

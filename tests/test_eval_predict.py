@@ -340,6 +340,26 @@ def test_cli_errors_in_process(workspace: dict[str, Path], tmp_path: Path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_eval_needs_labels(workspace: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    assert _load_cli("eval.py").main([*_model_args(workspace), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "split 'test'" in err and "has no labels" in err and "predict.py" in err
+
+
+def test_eval_scores_the_train_split_on_whole_images(workspace: dict[str, Path], tmp_path: Path) -> None:
+    """A train split holding the val images scores exactly as val: no training augmentation."""
+    root = tmp_path / "train_is_val"
+    for top in ("leftImg8bit", "gtFine"):
+        shutil.copytree(workspace["root"] / top / "val", root / top / "train")
+    cli = _load_cli("eval.py")
+    common = ["--loader", "torch", "--workers", "0"]
+    val = cli.run(cli.parse_args([*_model_args(workspace), *common]))
+    train_args = _changed(workspace, {"--data": str(root)})
+    train = cli.run(cli.parse_args([*train_args, *common, "--split", "train"]))
+    assert train["images"] == val["images"] == VAL_IMAGES
+    assert (train["mIoU"], train["pixAcc"]) == (val["mIoU"], val["pixAcc"])
+
+
 # ---------------------------------------------------------------------------------------------
 # setup_distributed (the 2-rank gloo path runs in the torchrun tests above and in test_metrics.py)
 

@@ -117,6 +117,36 @@ def test_batch_must_split_over_ranks(data: Path, monkeypatch: pytest.MonkeyPatch
         parse_config(_base(data, "--batch-size", "4"))
 
 
+def test_one_image_per_rank_needs_sync_batchnorm(data: Path, capsys: pytest.CaptureFixture) -> None:
+    _fails_fast(_base(data, "--batch-size", "1"), capsys, "1 image per rank", "--batch-size 2")
+
+
+@pytest.mark.parametrize("flag", ["--momentum", "--weight-decay", "--lambda-kd", "--kd-beta", "--kd-gamma"])
+def test_negative_weights_fail_fast(data: Path, capsys: pytest.CaptureFixture, flag: str) -> None:
+    _fails_fast(_base(data, flag, "-0.5"), capsys, f"{flag} must be >= 0, got -0.5")
+
+
+def test_teacher_weights_without_a_teacher_fail_fast(data: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "teacher.pth"
+    torch.save(to_reference_state_dict(build_model("psp_mobile", "mobilenetv2")), path)
+    _fails_fast(_base(data, "--teacher-pretrained", str(path)), capsys, "--teacher-model none")
+
+
+def test_a_new_run_never_replaces_an_earlier_one(data: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    save = tmp_path / "run"
+    save.mkdir()
+    (save / "latest.pth").write_bytes(b"earlier run")
+    _fails_fast(_base(data, "--save-dir", str(save)), capsys, f"--save-dir {save} already holds a run "
+                "(latest.pth)", "--resume auto", "--overwrite")
+    assert parse_config(_base(data, "--save-dir", str(save), "--overwrite")).resume is None
+    (save / "latest.pth").rename(save / "best.pth")  # nothing to resume, still an earlier run's best
+    err = _fails_fast(_base(data, "--save-dir", str(save), "--resume", "auto"), capsys, "(best.pth)")
+    assert "--resume auto" not in err
+    assert (save / "best.pth").read_bytes() == b"earlier run"
+
+
 def test_apex_optimizer_needs_apex(data: Path, capsys: pytest.CaptureFixture) -> None:
     _fails_fast(_base(data, "--optimizer", "apex"), capsys, "NVIDIA apex", "--optimizer sgd")
 
@@ -159,6 +189,35 @@ def test_distillation_loss_is_the_recipe() -> None:
     assert zero.item() == 0 and task_only.item() == pytest.approx(task.item())
 
 
+def test_task_loss_of_a_batch_without_labels_is_zero() -> None:
+    """The mean over labelled pixels (as F.cross_entropy), and 0 with zero gradients, not NaN, without any."""
+    logits = torch.randn(2, 19, 4, 8, requires_grad=True)
+    labels = torch.randint(0, 19, (2, 16, 32))
+    labels[0] = 255
+    up = torch.nn.functional.interpolate(logits, size=(16, 32), mode="bilinear", align_corners=True)
+    want = torch.nn.functional.cross_entropy(up, labels, ignore_index=255)
+    assert DistillationLoss.cross_entropy(logits, labels).item() == pytest.approx(want.item(), rel=1e-6)
+    loss = DistillationLoss.cross_entropy(logits, torch.full_like(labels, 255))
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_a_failing_validation_keeps_the_training_state(tmp_path: Path) -> None:
+    from fastdist.data import DatasetError
+    from fastdist.data.synthetic import make_synthetic_cityscapes
+
+    root = make_synthetic_cityscapes(tmp_path / "data", train=4, val=2, size=(32, 64), seed=3)
+    bad = sorted((root / "leftImg8bit" / "val").rglob("*.png"))[0]
+    bad.write_bytes(bad.read_bytes()[:200])  # the header (size, mode) is intact, the pixels are cut
+    save = tmp_path / "run"
+    argv = _base(root, "--batch-size", "2", "--crop-size", "32", "64", "--workers", "0", "--max-iterations",
+                 "4", "--val-per-iters", "4", "--save-per-iters", "100", "--save-dir", str(save))
+    with pytest.raises(DatasetError, match=bad.name):
+        train.main(argv)
+    state = ckpt.load_training_state(str(save / ckpt.LATEST))
+    assert state["iteration"] == 4 and state["best_miou"] is None
+
+
 def test_preemption_handler_sets_a_flag() -> None:
     with PreemptionHandler() as handler:
         assert not handler.requested
@@ -180,6 +239,26 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
         ckpt.atomic_save({"a": lambda: 0}, str(path))
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
+
+
+class _FullDisk:
+    """Pickling fails half-way with ENOSPC, as a write on a full disk does."""
+
+    def __reduce__(self) -> tuple:
+        raise OSError(28, "No space left on device")
+
+
+def test_checkpoint_write_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latest.pth"
+    ckpt.atomic_save({"a": torch.ones(2)}, str(path))
+    with pytest.raises(ckpt.CheckpointWriteError, match=f"could not write {path} \\(the previous file is "
+                       "unchanged\\): OSError: .*No space left on device"):
+        ckpt.atomic_save({"a": torch.zeros(2), "b": _FullDisk()}, str(path))
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
+    blocked = tmp_path / "latest.pth" / "best.pth"  # its folder is a file
+    with pytest.raises(ckpt.CheckpointWriteError, match="no earlier file existed"):
+        ckpt.atomic_copy(str(path), str(blocked))
 
 
 def test_rng_states_round_trip() -> None:

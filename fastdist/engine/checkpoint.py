@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,9 @@ from torch import nn
 
 from fastdist.models import to_reference_state_dict
 
-__all__ = ["BEST", "FORMAT", "LATEST", "CheckpointFormatError", "atomic_save", "export_reference",
-           "gather_rng_states", "load_training_state", "reference_export_name", "rng_state", "set_rng_state"]
+__all__ = ["BEST", "FORMAT", "LATEST", "CheckpointFormatError", "CheckpointWriteError", "atomic_save",
+           "export_reference", "gather_rng_states", "load_training_state", "reference_export_name",
+           "rng_state", "set_rng_state"]
 
 FORMAT = "fastdist-train"
 VERSION = 1
@@ -53,35 +55,39 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, permissions, ...); the old file is intact."""
+
+
+def _write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` then fsync and rename over ``path``; on failure the temporary file is removed and
+    a `CheckpointWriteError` names ``path`` and the cause (a torn file never replaces a good one)."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        os.makedirs(directory, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        kept = "the previous file is unchanged" if os.path.exists(path) else "no earlier file existed"
+        raise CheckpointWriteError(f"could not write {path} ({kept}): {type(err).__name__}: {err}. "
+                                   "Check free space and permissions of that folder") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(directory)
 
 
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` atomically: temporary file in the same folder, fsync, rename."""
+    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
+
+
 def atomic_copy(src: str, dst: str) -> None:
     """Copy a finished file atomically (same temporary-then-rename scheme)."""
-    tmp = f"{dst}.tmp.{os.getpid()}"
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    _write_atomically(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:

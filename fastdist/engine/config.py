@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", type=_optional_path, default=None,
                    help="training checkpoint to continue from, or 'auto' (SAVE_DIR/latest.pth if present)")
     g.add_argument("--save-dir", default=None, help="checkpoints (default: runs/<kd|baseline>_<student>)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a save dir that holds one (its checkpoints are replaced)")
     g.add_argument("--log-dir", default=None, help="text and JSON-lines logs (default: the save dir)")
     g.add_argument("--log-iter", type=_positive_int, default=10)
     g.add_argument("--val-per-iters", type=_positive_int, default=400)
@@ -172,6 +174,11 @@ def _check_files(cfg: argparse.Namespace) -> None:
         path = getattr(cfg, flag)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: file not found")
+    teacher_weights = cfg.teacher_pretrained or cfg.teacher_pretrained_base or cfg.random_teacher
+    if cfg.teacher_model is None and teacher_weights:
+        raise ConfigError("--teacher-pretrained / --teacher-pretrained-base given with --teacher-model none "
+                          "(no teacher, no distillation): name the teacher with --teacher-model/"
+                          "--teacher-backbone, or drop the teacher weights")
     if cfg.teacher_model is not None and cfg.teacher_pretrained is None and not cfg.random_teacher:
         raise ConfigError(
             "distilling needs the teacher's weights: pass --teacher-pretrained PATH (train a teacher with "
@@ -196,6 +203,14 @@ def _check_numbers(cfg: argparse.Namespace) -> None:
     if cfg.batch_size % cfg.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {cfg.world_size} "
                           "ranks; use a multiple of --nproc_per_node x nodes")
+    sync_bn = cfg.device_type == "cuda" and cfg.world_size > 1
+    if cfg.batch_per_rank < 2 and not sync_bn:
+        raise ConfigError(f"--batch-size {cfg.batch_size} gives 1 image per rank: the BatchNorm after the "
+                          "models' global pooling needs at least 2 (SyncBatchNorm over several GPUs "
+                          f"excepted); use --batch-size {2 * cfg.world_size} or more")
+    for flag in ("momentum", "weight_decay", "lambda_kd", "kd_beta", "kd_gamma"):
+        if not getattr(cfg, flag) >= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(cfg, flag)}")
     if cfg.stop_at is not None and cfg.stop_at > cfg.max_iterations:
         raise ConfigError(f"--stop-at {cfg.stop_at} is beyond --max-iterations {cfg.max_iterations}")
     if cfg.lr <= 0 or cfg.kd_temperature <= 0:
@@ -255,8 +270,21 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if cfg.resume is not None and not os.path.isfile(cfg.resume):
         raise ConfigError(f"--resume {cfg.resume}: file not found (use --resume auto to continue only when "
                           "SAVE_DIR/latest.pth exists)")
+    _check_save_dir(cfg)
     _check_dataset(cfg)
     return cfg
+
+
+def _check_save_dir(cfg: argparse.Namespace) -> None:
+    """A new run never silently replaces the checkpoints of an earlier run in its save dir."""
+    if cfg.resume is not None or cfg.overwrite:
+        return
+    found = [name for name in ("latest.pth", "best.pth") if os.path.isfile(os.path.join(cfg.save_dir, name))]
+    if found:
+        hint = "continue it with --resume auto, " if "latest.pth" in found else ""
+        raise ConfigError(f"--save-dir {cfg.save_dir} already holds a run ({', '.join(found)}): {hint}"
+                          "start over in it with --overwrite (replaces its checkpoints), or pick another "
+                          "--save-dir")
 
 
 def check_resume_compatible(saved: dict[str, Any], cfg: argparse.Namespace) -> list[str]:

@@ -162,9 +162,14 @@ class DistillationLoss(nn.Module):
 
     @staticmethod
     def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-        """CE of logits upsampled (bilinear, align_corners=True, float32) to the label size."""
+        """CE of logits upsampled (bilinear, align_corners=True, float32) to the label size.
+
+        The mean over the labelled pixels; 0 (not NaN, as ``reduction="mean"`` gives) for a batch
+        without any, e.g. crops that fall entirely on ignore-labelled regions.
+        """
         up = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=True)
-        return F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX)
+        total = F.cross_entropy(up, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
 
     def task_loss(self, out: Outputs, labels: Tensor) -> Tensor:
         loss = self.cross_entropy(out["out"], labels)

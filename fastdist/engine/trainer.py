@@ -9,8 +9,8 @@ log, validation and checkpoint iteration) in one small all-gather that also carr
 preemption flag, so all ranks take the same decision at the same iteration (see `signals`).
 
 Per iteration ``it`` (1-based, ``it`` steps done): sync point? -> stop on a non-finite loss (no
-checkpoint is written, the last good one stays) -> log -> validate (best checkpoint) -> save latest
--> stop on a signal or ``--stop-at``.
+checkpoint is written, the last good one stays) -> log -> save latest (at save and validation points)
+-> validate (on a new best mIoU: best and latest again) -> stop on a signal or ``--stop-at``.
 """
 
 from __future__ import annotations
@@ -248,11 +248,11 @@ class Trainer:
         validating = self._is_val_point(it)
         if saving or validating:
             self._broadcast_buffers()
-        is_best = validating and self._validate(it)
-        names = ((ckpt.LATEST,) if saving else ()) + ((ckpt.BEST,) if is_best else ())
-        if names:
-            self.save(it, names)
-        if is_best:
+            # before validating: an error there (say, an unreadable val image) loses no training
+            self.save(it, (ckpt.LATEST,))
+        if validating and self._validate(it):
+            # latest.pth carries the best mIoU too, so that a resumed run compares against it
+            self.save(it, (ckpt.BEST, ckpt.LATEST))
             self._export(best=True)
         if result.stop_requested and it < self.end:
             self.log.info(f"stop requested by a signal: checkpoint at iteration {it} in {cfg.save_dir}; "
