@@ -17,6 +17,7 @@ Labels are not needed (the test split has none).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if any(s <= 0 for s in args.scales):
         raise InferenceSetupError(f"--scales must be positive, got {args.scales}")
     amp_dtype = amp_dtype_from_name(args.amp)
+    if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
+        raise InferenceSetupError(f"--save-dir {args.save_dir} exists and is not a folder")
     pairs = list_pairs(args.data, args.split)
     model = build_inference_model(args.model, args.backbone, args.pretrained, NUM_CLASSES)
     env = setup_distributed(args.device)

@@ -298,7 +298,11 @@ def _load_cli(script: str) -> ModuleType:
 def _changed(ws: dict[str, Path], change: dict[str, str]) -> list[str]:
     args = _model_args(ws)
     for flag, value in change.items():
-        args[args.index(flag) + 1] = str(ws[value]) if value in ws else value
+        value = str(ws[value]) if value in ws else value
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
     return args
 
 
@@ -327,12 +331,13 @@ def test_eval_cli_errors_are_fast_and_clear(workspace: dict[str, Path], change: 
         ("eval.py", {"--backbone": "resnet18"}, "does not take --backbone 'resnet18'"),
         ("predict.py", {"--data": "/nonexistent/cityscapes"}, "does not exist"),
         ("predict.py", {"--pretrained": "bad"}, "does not fit --model psp_mobile"),
+        ("predict.py", {"--save-dir": "ckpt"}, "exists and is not a folder"),
     ],
 )
 def test_cli_errors_in_process(workspace: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
                                script: str, change: dict[str, str], message: str) -> None:
     args = _changed(workspace, change)
-    if script == "predict.py":
+    if script == "predict.py" and "--save-dir" not in change:
         args += ["--save-dir", str(tmp_path / "out")]
     assert _load_cli(script).main(args) == 2
     err = capsys.readouterr().err
