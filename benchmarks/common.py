@@ -89,13 +89,24 @@ def slugify(text: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """Map ``auto`` to ``cuda`` when a GPU is visible, else ``cpu``; pass other values through."""
+    """Map ``auto`` to ``cuda`` when a GPU is visible, else ``cpu``; pass other values through.
+
+    A CUDA device with an index (``cuda:N``) is made the current device (``torch.cuda.set_device``):
+    CUDA events, the default stream and Triton launches follow the current device, not the tensors' one.
+    """
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    if not device.startswith("cuda"):
+        return device
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device {device} requested but torch.cuda.is_available() is False")
+    index = torch.device(device).index
+    if index is not None:
+        if index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        torch.cuda.set_device(index)
     return device
 
 
@@ -353,6 +364,20 @@ class Budget:
 
     def exhausted(self) -> bool:
         return self.left() <= 0
+
+    def skip_reason(self) -> str | None:
+        """The status of a row not started because the budget is spent, or None while time is left."""
+        return "skipped: time budget" if self.exhausted() else None
+
+
+def error_status(exc: BaseException) -> str:
+    """The status of a row whose measurement raised: ``oom``, or ``error: <type>: <first line>``."""
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return "oom"
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"error: {type(exc).__name__}: {first}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,15 +8,22 @@ cores used (CPU seconds of this process and all its descendants, from /proc, ove
 * decode share. torch backend: single-core PIL decode time of an image + label pair over the CPU time the
   loader spends per image. DALI: the loader's images/s over the images/s of a DALI pipeline that only reads
   and decodes the same PNGs with the same thread count (``mixed`` decoders on a GPU).
-* GPU augmentation share (CUDA, ``--with-step``): device time of the loader's own kernels per batch
-  (torch.profiler, all CUDA kernels of the process while only the loader runs, memcpy excluded) over that
-  time plus the measured KD step time.
-* data wait (``--with-step``): the KD training step of train_bench.py (configuration ``--step-config``) fed by
-  the loader: time blocked in ``next(loader)`` over the iteration time (synchronised each step), at the
-  recipe's batch.
+* GPU augmentation share (CUDA, ``--with-step``): device time of the loader's own kernels per batch over
+  that time plus the measured KD step time. torch.profiler records all CUDA kernels of the process
+  (memcpy/memset excluded) over the whole life of a loader that produces ``--profile-batches`` batches
+  while nothing else runs, from its construction to its last batch, and the total is divided by the
+  batches produced: no batch that DALI prefetches falls outside the window.
+* data wait (``--with-step``): the KD training step of train_bench.py fed by the loader: time blocked in
+  ``next(loader)`` over the iteration time (synchronised each step), at the recipe's batch. The step is
+  ``--step-config``, by default the one train.py runs on CUDA: ``+compile`` (bf16 autocast, channels-last,
+  the fused Triton loss, torch.compile); on a CPU or with ``--quick``, ``+fused_loss`` (eager; compiling
+  on a CPU is slow and the target applies to CUDA only). The target is checked only with ``+compile``.
+  The step is built (and compiled) only while the time budget lasts; run after train_bench.py on the same
+  machine, its compile can reuse Inductor's on-disk FX-graph and AOTAutograd caches (on by default) filled
+  by train_bench's batch-2 ``+compile`` row: same models, batch, crop and memory format.
 
 A backend that cannot be imported (e.g. no DALI) is written as "not available: <reason>".
-Writes ``loader.json``.
+Writes ``loader.json`` after every row (``config.complete`` is true once the run reaches its end).
 """
 
 from __future__ import annotations
@@ -29,13 +36,17 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import common
+import train_bench
 
 BACKENDS = ["dali", "torch"]
+# The train_bench configuration train.py runs on CUDA (fastdist.engine.config.resolve: bf16 autocast,
+# channels-last, compile on CUDA; the fused Triton loss): the data-wait target is defined with it.
+TRAINING_STEP = "+compile"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,13 +162,14 @@ def decode_ms_per_image(root: Path, count: int) -> float:
 
 def dali_decode_images_per_s(root: Path, threads: int, args: argparse.Namespace, device: str) -> float:
     """images/s of a DALI pipeline that only reads and decodes the image + label PNGs (same threads)."""
+    import torch
     from nvidia.dali import fn, pipeline_def, types
 
     from fastdist.data import list_pairs
 
     pairs = list_pairs(root, "train")
     gpu = device.startswith("cuda")
-    device_id = (int(device.split(":")[1]) if ":" in device else 0) if gpu else None
+    device_id = torch.cuda.current_device() if gpu else None  # common.resolve_device set it
     decoder = "mixed" if gpu else "cpu"
 
     @pipeline_def(batch_size=args.batch, num_threads=threads, device_id=device_id, seed=0)
@@ -182,46 +194,47 @@ def dali_decode_images_per_s(root: Path, threads: int, args: argparse.Namespace,
 
 
 def add_decode_share(row: dict[str, Any], root: Path, args: argparse.Namespace, device: str,
-                     pil_decode_ms: float) -> None:
+                     pil_decode_ms: float, budget: common.Budget) -> None:
     """torch: PIL decode CPU time over the loader's CPU time per image. DALI: images/s of the full loader
-    over images/s of a decode-only DALI pipeline with the same threads (the decode's share of the time)."""
+    over images/s of a decode-only DALI pipeline with the same threads (the decode's share of the time;
+    run only while the time budget lasts)."""
     if row["backend"] == "torch":
         row["decode_share"] = pil_decode_ms / row["cpu_ms_per_image"]
         row["decode_share_method"] = "PIL decode CPU ms / loader CPU ms per image"
+        return
+    spent = budget.skip_reason()
+    if spent:
+        row["decode_share_status"] = spent
         return
     try:
         rate = dali_decode_images_per_s(root, row["threads"], args, device)
     except Exception as exc:  # noqa: BLE001 - the throughput row stays valid
         traceback.print_exc()
-        row["decode_share_status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+        row["decode_share_status"] = common.error_status(exc)
         return
     row.update(decode_only_images_per_s=rate, decode_share=row["images_per_s"] / rate,
                decode_share_method="loader images/s / decode-only DALI pipeline images/s")
 
 
 def loader_gpu_ms_per_batch(root: Path, backend: str, threads: int, args: argparse.Namespace,
-                            device: str) -> float:
-    """Device time (ms) of the CUDA kernels the loader launches per batch (memcpy/memset excluded)."""
+                            device: str) -> tuple[float, int]:
+    """Device time (ms) of the CUDA kernels the loader launches per batch (memcpy/memset excluded), and the
+    number of batches it is averaged over: everything from the construction of a loader of
+    ``--profile-batches`` batches to its last batch, divided by the batches it produced (so the batches
+    DALI prefetches are inside the window; one-off start-up kernels are spread over those batches)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    n = 4
-    loader = make_loader(root, backend, threads, args.warmup + n, args, device)
-    it = iter(loader)
-    for _ in range(args.warmup):
-        next(it)
-    # torch launches a batch's GPU work when it is taken; DALI runs ahead, but in steady state the window
-    # holds about n batches of its GPU work as well.
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            next(it)
-        torch.cuda.synchronize(device)
-    del it, loader
+    cuda = device.startswith("cuda")
+    produced = 0
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        for _batch in make_loader(root, backend, threads, args.profile_batches, args, device):
+            produced += 1
+        common.synchronize(device)
     total_us = sum(e.self_device_time_total for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA
                    and not e.name.lower().startswith(("memcpy", "memset")))
-    return total_us / 1e3 / n
+    return total_us / 1e3 / max(produced, 1), produced
 
 
 def data_wait(root: Path, backend: str, threads: int, args: argparse.Namespace, device: str,
@@ -246,10 +259,15 @@ def data_wait(root: Path, backend: str, threads: int, args: argparse.Namespace, 
             "data_wait_ms": waited * 1e3 / steps}
 
 
-def build_step(args: argparse.Namespace, device: str) -> tuple[Callable[[Any, Any], Any], float]:
-    """The KD training step of train_bench.py (configuration ``--step-config``) and its time on fixed data."""
-    import train_bench
+def default_step_config(is_cuda: bool, quick: bool) -> str:
+    """The KD step of the data-wait run: the one train.py runs on CUDA (:data:`TRAINING_STEP`); eager
+    ``+fused_loss`` on a CPU or with ``--quick`` (compiling on a CPU is slow; the target is CUDA-only)."""
+    return TRAINING_STEP if is_cuda and not quick else "+fused_loss"
 
+
+def build_step(args: argparse.Namespace, device: str) -> tuple[Callable[[Any, Any], Any], float]:
+    """The KD training step of train_bench.py (configuration ``--step-config``) and its time on fixed data
+    (the first, compiling, step is part of the warm-up)."""
     targs = train_bench.parse_args(["--device", device] + (["--quick"] if args.quick else []))
     configs = {c.name: c for c in train_bench.ablation("triton" if device.startswith("cuda") else "torch")}
     cfg = configs[args.step_config]
@@ -260,6 +278,60 @@ def build_step(args: argparse.Namespace, device: str) -> tuple[Callable[[Any, An
                                             cfg.channels_last)
     timing, _ = train_bench.time_steps(step, images, labels, device, warmup=targs.warmup, steps=targs.steps)
     return step, timing.median_ms
+
+
+def throughput_rows(root: Path, args: argparse.Namespace, device: str,
+                    budget: common.Budget) -> Iterator[dict[str, Any]]:
+    """One row per (backend, threads): steady-state images/s and CPU cores used, or why not measured."""
+    for backend in args.backends:
+        reason = backend_available(backend)
+        for threads in args.threads:
+            row: dict[str, Any] = {"backend": backend, "threads": threads, "batch": args.batch}
+            status = reason or budget.skip_reason()
+            if status:
+                yield {**row, "status": status}
+                continue
+            print(f"[loader_bench] {backend} threads={threads}", flush=True)
+            try:
+                row.update(throughput(root, backend, threads, args, device))
+            except Exception as exc:  # noqa: BLE001 - report, do not crash the whole benchmark
+                traceback.print_exc()
+                row["status"] = common.error_status(exc)
+            yield row
+
+
+def step_rows(root: Path, args: argparse.Namespace, device: str,
+              budget: common.Budget) -> Iterator[dict[str, Any]]:
+    """Data wait and GPU augmentation share per backend, with the KD step fed by the loader. The step is
+    built (and, for ``+compile``, compiled) only while the time budget lasts."""
+    base = {"threads": args.step_threads, "batch": args.batch, "step_config": args.step_config}
+    spent = budget.skip_reason()
+    if spent:
+        yield from ({"backend": backend, **base, "status": spent} for backend in args.backends)
+        return
+    try:
+        step, step_ms = build_step(args, device)
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        yield {**base, "status": common.error_status(exc)}
+        return
+    for backend in args.backends:
+        row: dict[str, Any] = {"backend": backend, **base, "step_ms_fixed_data": step_ms}
+        reason = backend_available(backend) or budget.skip_reason()
+        if reason:
+            yield {**row, "status": reason}
+            continue
+        print(f"[loader_bench] data wait: {backend} threads={args.step_threads}", flush=True)
+        try:
+            row.update(status="ok", **data_wait(root, backend, args.step_threads, args, device, step))
+            if device.startswith("cuda"):
+                gpu_ms, batches = loader_gpu_ms_per_batch(root, backend, args.step_threads, args, device)
+                row.update(loader_gpu_ms_per_batch=gpu_ms, gpu_share_batches=batches,
+                           gpu_aug_share=gpu_ms / (gpu_ms + step_ms))
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            row["status"] = common.error_status(exc)
+        yield row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,9 +355,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="warm-up batches")
     p.add_argument("--batches", type=int, default=30, help="timed batches")
     p.add_argument("--with-step", action="store_true", help="also data wait and GPU augmentation share")
-    p.add_argument("--step-config", default="+fused_loss", help="train_bench configuration of the KD step")
+    p.add_argument("--step-config", default=None, choices=train_bench.CONFIG_ORDER,
+                   help=f"train_bench configuration of the KD step (default: {TRAINING_STEP} on CUDA, "
+                   "+fused_loss on a CPU or with --quick)")
     p.add_argument("--step-threads", type=int, default=8, help="threads for the data-wait / GPU-share runs")
     p.add_argument("--step-iters", type=int, default=20)
+    p.add_argument("--profile-batches", type=int, default=24,
+                   help="batches of the loader profiled for the GPU augmentation share")
     args = p.parse_args(argv)
     if args.quick:
         args.num_images, args.image_size, args.crop = 8, [128, 256], [64, 128]
@@ -294,88 +370,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON document (also written to disk)."""
+    """Run the benchmark; returns the JSON document (also written to disk after every row, so that a
+    killed run keeps what it measured)."""
     device, env, _, out_dir, budget = common.run_context(args)
+    args.step_config = args.step_config or default_step_config(env["is_cuda"], args.quick)
     t_start = time.perf_counter()
     root = ensure_dataset(args)
-    rows: list[dict[str, Any]] = []
-    for backend in args.backends:
-        reason = backend_available(backend)
-        for threads in args.threads:
-            row: dict[str, Any] = {"backend": backend, "threads": threads, "batch": args.batch}
-            if reason or budget.exhausted():
-                rows.append({**row, "status": reason or "skipped: time budget"})
-                continue
-            print(f"[loader_bench] {backend} threads={threads}", flush=True)
-            try:
-                row.update(throughput(root, backend, threads, args, device))
-            except Exception as exc:  # noqa: BLE001 - report, do not crash the whole benchmark
-                traceback.print_exc()
-                row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
-            rows.append(row)
-    decode = {"status": "ok", "decode_ms_per_image": decode_ms_per_image(root, min(8, args.num_images)),
-              "method": "PIL, one core, image + label"}
-    for row in rows:
+    parts: dict[str, Any] = {"decode": common.NOT_MEASURED, "results": [], "step": []}
+
+    def save(complete: bool) -> dict[str, Any]:
+        return write_results(parts, env, args, root, out_dir, time.perf_counter() - t_start, complete)
+
+    for row in throughput_rows(root, args, device, budget):
+        parts["results"].append(row)
+        save(complete=False)
+    pil_ms = decode_ms_per_image(root, min(8, args.num_images))
+    parts["decode"] = {"status": "ok", "decode_ms_per_image": pil_ms,
+                       "method": "PIL, one core, image + label"}
+    for row in parts["results"]:
         if row.get("status") == "ok":
-            add_decode_share(row, root, args, device, decode["decode_ms_per_image"])
-    step_rows = run_step_part(root, args, device, budget) if args.with_step else []
+            add_decode_share(row, root, args, device, pil_ms, budget)
+    save(complete=False)
+    for row in step_rows(root, args, device, budget) if args.with_step else ():
+        parts["step"].append(row)
+        save(complete=False)
+    doc = save(complete=True)
+    print(f"[loader_bench] wrote {out_dir}/loader.json in {doc['config']['wall_s']:.1f}s")
+    return doc
+
+
+def write_results(parts: dict[str, Any], env: dict[str, Any], args: argparse.Namespace, root: Path,
+                  out_dir: Path, wall_s: float, complete: bool) -> dict[str, Any]:
+    """Write loader.json from the rows measured so far (``complete``: the run reached its end)."""
     doc = {
         "benchmark": "loader",
         "env": env,
         "config": {"quick": args.quick, "image_size": args.image_size, "crop": args.crop, "batch": args.batch,
                    "num_images": args.num_images, "warmup": args.warmup, "batches": args.batches,
                    "dataset": str(root), "with_step": args.with_step, "step_config": args.step_config,
-                   "cpu_cores_available": env["cpu_affinity"], "wall_s": time.perf_counter() - t_start},
-        "decode": decode,
-        "results": rows,
-        "step": step_rows or common.NOT_MEASURED,
-        "targets": evaluate_targets(step_rows, env["is_cuda"], args),
+                   "profile_batches": args.profile_batches, "cpu_cores_available": env["cpu_affinity"],
+                   "complete": complete, "wall_s": wall_s},
+        "decode": parts["decode"],
+        "results": parts["results"],
+        "step": parts["step"] or common.NOT_MEASURED,
+        "targets": evaluate_targets(parts["step"], env["is_cuda"], args),
     }
     common.write_json(out_dir / "loader.json", doc)
-    print(f"[loader_bench] wrote {out_dir}/loader.json in {doc['config']['wall_s']:.1f}s")
     return doc
 
 
-def run_step_part(root: Path, args: argparse.Namespace, device: str,
-                  budget: common.Budget) -> list[dict[str, Any]]:
-    """Data wait and GPU augmentation share per backend, with the KD step fed by the loader."""
-    try:
-        step, step_ms = build_step(args, device)
-    except Exception as exc:  # noqa: BLE001
-        traceback.print_exc()
-        return [{"status": f"error: {type(exc).__name__}: {str(exc)[:200]}"}]
-    out = []
-    for backend in args.backends:
-        row: dict[str, Any] = {"backend": backend, "threads": args.step_threads, "batch": args.batch,
-                               "step_config": args.step_config, "step_ms_fixed_data": step_ms}
-        reason = backend_available(backend) or ("skipped: time budget" if budget.exhausted() else None)
-        if reason:
-            out.append({**row, "status": reason})
-            continue
-        print(f"[loader_bench] data wait: {backend} threads={args.step_threads}", flush=True)
-        try:
-            row.update(status="ok", **data_wait(root, backend, args.step_threads, args, device, step))
-            if device.startswith("cuda"):
-                gpu_ms = loader_gpu_ms_per_batch(root, backend, args.step_threads, args, device)
-                row.update(loader_gpu_ms_per_batch=gpu_ms, gpu_aug_share=gpu_ms / (gpu_ms + step_ms))
-        except Exception as exc:  # noqa: BLE001
-            traceback.print_exc()
-            row["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
-        out.append(row)
-    return out
-
-
 def evaluate_targets(step_rows: list[dict[str, Any]], is_cuda: bool, args: argparse.Namespace) -> list[dict]:
-    """Issue target: the DALI loader keeps the step fed (data wait < 5%) at batch 2 with 8 threads."""
+    """Issue target: the DALI loader keeps the training step (train.py's CUDA configuration,
+    :data:`TRAINING_STEP`) fed: data wait < 5% at batch 2 with 8 threads."""
     row = next((r for r in step_rows if r.get("backend") == "dali" and r.get("status") == "ok"), None)
     value = row.get("data_wait_frac") if row else None
     if not is_cuda:
         status = "not applicable (CPU run)"
+    elif args.step_config != TRAINING_STEP:
+        status = f"{common.NOT_MEASURED}: the target uses the {TRAINING_STEP} step"
     elif value is None or args.batch != 2 or args.step_threads != 8:
         status = common.NOT_MEASURED  # (the target is defined at batch 2 with 8 threads)
     else:
         status = "pass" if value < 0.05 else "fail"
-    case = f"batch {args.batch}, {args.step_threads} threads"
+    case = f"batch {args.batch}, {args.step_threads} threads, step {args.step_config}"
     return [{"target": "DALI data wait / step time", "case": case,
              "field": "data_wait_frac", "op": "<", "threshold": 0.05, "value": value, "status": status}]
 

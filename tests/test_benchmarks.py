@@ -25,7 +25,10 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import loader_bench  # noqa: E402
+import loss_bench  # noqa: E402
 import report  # noqa: E402
+import train_bench  # noqa: E402
 
 
 def _run(script: str, *args: str, timeout: float = 400) -> None:
@@ -77,6 +80,11 @@ def test_loss_bench_files_and_values(results: dict[str, Path]) -> None:
         med, p20, p80 = float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"])
         assert _finite_positive(med) and p20 <= med <= p80
         assert _finite_positive(float(r["gbps"]))
+        # The two byte models differ only for fwd+bwd: S and T read twice (5 tensor-sizes) vs once (3).
+        ratio = 3 / 5 if r["mode"] == "fwd+bwd" else 1.0
+        assert math.isclose(float(r["gbps_min_io"]), float(r["gbps"]) * ratio, rel_tol=1e-9)
+        assert math.isclose(float(r["bytes_min_io"]), float(r["bytes_moved"]) * ratio, rel_tol=1e-9)
+        assert r["bw_frac_peak"] == r["bw_frac_peak_min_io"] == ""  # CPU: no peak, no fraction
         assert r["peak_extra_bytes"] == ""  # CPU: not measured, never invented
         assert float(r["loss_rel_err"]) < 1e-2
     # The Triton kernels are never timed under the CPU interpreter.
@@ -107,6 +115,90 @@ def test_loss_plot_written(results: dict[str, Path]) -> None:
     assert (results["loss"] / "loss.png").stat().st_size > 0
 
 
+def test_loss_plot_written_before_the_end(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A run killed after its first case keeps its plot: loss.png is written with the first case's rows."""
+    pytest.importorskip("matplotlib")
+    seen: list[tuple[bool, bool]] = []
+    write = loss_bench.write_results
+
+    def spy(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        doc = write(*args, **kwargs)
+        seen.append((doc["config"]["complete"], (tmp_path / "loss.png").exists()))
+        return doc
+
+    monkeypatch.setattr(loss_bench, "write_results", spy)
+    loss_bench.run(loss_bench.parse_args(["--quick", "--device", "cpu", "--providers", "reference",
+                                          "--modes", "fwd+bwd", "--out", str(tmp_path)]))
+    assert seen[0] == (False, True) and seen[-1] == (True, True)
+    assert len(seen) == len(loss_bench.quick_cases()) + 1
+
+
+def test_loss_budget_checked_before_provider_is_built(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    """With the budget spent, no provider is built (so reference+compile never compiles)."""
+    built: list[str] = []
+    monkeypatch.setattr(loss_bench, "provider_fn", lambda provider, mode: built.append(provider))
+    args = loss_bench.parse_args(["--quick", "--device", "cpu"])
+    case = loss_bench.quick_cases()[0]
+    s, t = loss_bench.make_inputs(case, "cpu")
+    rows = loss_bench.run_provider("reference+compile", case, s, t, "cpu", None, None, args, args.modes,
+                                   common.Budget(0))
+    assert built == [] and [r["status"] for r in rows] == ["skipped: time budget"] * len(args.modes)
+    doc = loss_bench.run(loss_bench.parse_args(["--quick", "--device", "cpu", "--time-budget", "0",
+                                                "--out", str(tmp_path)]))
+    assert built == []
+    statuses = {r["status"] for r in doc["results"]}
+    assert statuses <= {"skipped: time budget", "skipped: interpreter", "skipped: no GPU",
+                        "skipped: --quick (compiled on the first case only)"}
+    assert "skipped: time budget" in statuses and doc["config"]["complete"] is True
+
+
+def test_loss_plan_bounds_compiles() -> None:
+    """Every case runs with the eager providers before reference+compile runs beyond the target's case."""
+    cases = loss_bench.all_cases(list(loss_bench.SHAPES), list(loss_bench.DTYPES), ["nchw", "nhwc"])
+    items = loss_bench.plan(cases, loss_bench.PROVIDERS, quick=False)
+    compiled = loss_bench.COMPILED
+    first_pass = [i for i in items if i.providers != (compiled,)]
+    assert [i.case for i in first_pass] == cases  # every case once, priority cases first
+    assert items[: len(cases)] == first_pass  # ... before any compile-only item
+    assert {("recipe-b8", "bf16", "nchw")} == loss_bench.COMPILE_FIRST
+    for item in first_pass:
+        assert (compiled in item.providers) == (item.case.key in loss_bench.COMPILE_FIRST)
+        assert {"reference", "torch", "triton"} <= set(item.providers)
+    rest = items[len(cases):]
+    assert [i.case for i in rest] == [c for c in cases if c.key not in loss_bench.COMPILE_FIRST]
+    assert all(i.providers == (compiled,) and i.reason is None for i in rest)
+    quick = loss_bench.plan(loss_bench.quick_cases(), loss_bench.PROVIDERS, quick=True)
+    assert compiled in quick[0].providers
+    assert [i.reason for i in quick if i.providers == (compiled,)] == [
+        "skipped: --quick (compiled on the first case only)"] * (len(loss_bench.quick_cases()) - 1)
+
+
+def test_loss_byte_models_and_bandwidth_targets() -> None:
+    case = loss_bench.Case("fullres-b2", loss_bench.SHAPES["fullres-b2"], "bf16", "nchw")
+    one = 2 * 19 * 512 * 1024 * 2  # bytes of S in bf16
+    assert loss_bench.bytes_moved(case, "fwd+bwd", "two-pass") == 5 * one
+    assert loss_bench.bytes_moved(case, "fwd+bwd", "min-io") == 3 * one
+    assert loss_bench.bytes_moved(case, "bwd", "two-pass") == 3 * one
+    assert loss_bench.bytes_moved(case, "bwd", "min-io") == 3 * one
+    peak = common.DevicePeak("test", 1e12, 1e14, "test")
+    bw = loss_bench.bandwidth(case, "fwd+bwd", 1.0, peak)
+    assert bw["gbps"] == pytest.approx(5 * one / 1e6) and bw["bw_frac_peak"] == pytest.approx(5 * one / 1e9)
+    assert bw["bw_frac_peak_min_io"] == pytest.approx(bw["bw_frac_peak"] * 3 / 5)
+    base = {"shape_name": "fullres-b2", "dtype": "bf16", "layout": "nchw", "provider": "triton",
+            "status": "ok"}
+    rows = [{**base, "mode": "bwd", "bw_frac_peak": 0.8, "bw_frac_peak_min_io": 0.8},
+            {**base, "mode": "fwd+bwd", "bw_frac_peak": 0.75, "bw_frac_peak_min_io": 0.45}]
+    bandwidth_targets = [t for t in loss_bench.evaluate_targets(rows, is_cuda=True)
+                         if t["case"].startswith("fullres-b2 bf16") and "bandwidth" in t["target"]]
+    got = {(t["mode"], t["field"]): (t["value"], t["status"]) for t in bandwidth_targets}
+    assert got == {("bwd", "bw_frac_peak"): (0.8, "pass"), ("fwd+bwd", "bw_frac_peak"): (0.75, "pass"),
+                   ("fwd+bwd", "bw_frac_peak_min_io"): (0.45, "fail")}
+    names = {t["field"] + " " + t["mode"]: t["target"] for t in bandwidth_targets}
+    assert "two-pass" in names["bw_frac_peak fwd+bwd"] and "issue's" in names["bw_frac_peak_min_io fwd+bwd"]
+    assert "both models" in names["bw_frac_peak bwd"]
+
+
 # --------------------------------------------------------------------------------------------------
 # train_bench
 # --------------------------------------------------------------------------------------------------
@@ -130,6 +222,13 @@ def test_train_bench_files_and_values(results: dict[str, Path]) -> None:
     assert doc["targets"][0]["status"].startswith("not applicable")
 
 
+def test_train_plan_runs_eager_rows_before_compiles() -> None:
+    pairs = [(cfg.name, batch) for cfg, batch in train_bench.plan(train_bench.parse_args([]), "triton")]
+    eager = [("reference", 2), ("+amp", 2), ("+channels_last", 2), ("+fused_loss", 2),
+             ("reference", 4), ("+fused_loss", 4), ("reference", 8), ("+fused_loss", 8)]
+    assert pairs == [*eager, ("+compile", 2), ("+compile", 4), ("+compile", 8)]
+
+
 # --------------------------------------------------------------------------------------------------
 # loader_bench
 # --------------------------------------------------------------------------------------------------
@@ -147,6 +246,35 @@ def test_loader_bench_files_and_values(results: dict[str, Path]) -> None:
             assert r["backend"] == "dali" and r["status"].startswith("not available")
     assert all(r["decode_share"] > 0 for r in torch_rows)
     assert doc["step"] == common.NOT_MEASURED
+    assert doc["config"]["complete"] is True and doc["config"]["step_config"] == "+fused_loss"
+
+
+def test_loader_gpu_share_counts_batches_produced(results: dict[str, Path]) -> None:
+    """The profiled window spans the loader's whole life: every batch it produces is counted."""
+    root = Path(json.loads((results["loader"] / "loader.json").read_text())["config"]["dataset"])
+    args = loader_bench.parse_args(["--quick", "--profile-batches", "5"])
+    gpu_ms, batches = loader_bench.loader_gpu_ms_per_batch(root, "torch", 1, args, "cpu")
+    assert (gpu_ms, batches) == (0.0, 5)  # no CUDA kernels on a CPU
+
+
+def test_loader_step_is_the_training_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the data-wait step is what train.py runs there (engine defaults) and the target needs it."""
+    import torch
+
+    from fastdist.engine import config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cfg = config.resolve(config.build_parser().parse_args(["--device", "cuda"]))
+    name = loader_bench.default_step_config(is_cuda=True, quick=False)
+    step = {c.name: c for c in train_bench.ablation("triton")}[name]
+    assert (step.compile, step.channels_last, step.amp) == (cfg.compile, cfg.channels_last, cfg.amp == "bf16")
+    assert step.compile and loader_bench.default_step_config(is_cuda=False, quick=False) == "+fused_loss"
+    rows = [{"backend": "dali", "status": "ok", "data_wait_frac": 0.01}]
+    eager = "not measured: the target uses the +compile step"
+    for step_config, status in ((name, "pass"), ("+fused_loss", eager)):
+        args = loader_bench.parse_args(["--step-config", step_config])
+        assert loader_bench.evaluate_targets(rows, True, args)[0]["status"] == status
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,7 +327,7 @@ def test_report_shows_only_numbers_from_files(results: dict[str, Path], tmp_path
         assert title in section
     assert section.count("CPU smoke run") == 3  # every CPU table is labelled
     docs = [json.loads((results[n] / f"{n}.json").read_text()) for n in ("loss", "train", "loader")]
-    allowed = _allowed_tokens(docs)
+    allowed = _allowed_tokens(docs) | set(_shown_numbers(report.LOSS_BYTES_NOTE))  # static prose
     shown = _shown_numbers(section)
     assert shown
     invented = sorted({tok for tok in shown if tok not in allowed})
@@ -219,13 +347,15 @@ def test_report_renders_gpu_fields(results: dict[str, Path], tmp_path: Path,
                         (x["shape_name"], x["dtype"], x["layout"], x["mode"]) ==
                         (r["shape_name"], r["dtype"], r["layout"], r["mode"]))
             doc["results"][i] = {**twin, "provider": "triton", "bw_frac_peak": twin["gbps"] / 1e3,
+                                 "bw_frac_peak_min_io": twin["gbps_min_io"] / 1e3,
                                  "peak_extra_bytes": 1000 + i, "mem_frac_reference": 0.01 * (i + 1)}
     (tmp_path / "loss.json").write_text(json.dumps(doc))
     report.main(["--results", str(tmp_path), "--stdout"])
     out = capsys.readouterr().out
     assert "Test GPU" in out and "CPU smoke run" not in out and "skipped: interpreter" not in out
-    assert "%" in out
+    assert "%" in out and "3/5 = 60%" in out  # the two byte models are explained
     allowed = _allowed_tokens([doc]) | set(re.findall(r"\d+", str(tmp_path)))  # the source path is shown
+    allowed |= set(_shown_numbers(report.LOSS_BYTES_NOTE))
     invented = sorted({t for t in _shown_numbers(out) if t not in allowed})
     assert not invented, invented
 
@@ -234,7 +364,36 @@ def test_report_without_results(tmp_path: Path, capsys: pytest.CaptureFixture[st
     empty = tmp_path / "none"
     empty.mkdir()
     report.main(["--results", str(empty), "--readme", str(tmp_path / "missing.md")])
-    assert "Not measured yet" in capsys.readouterr().out
+    assert capsys.readouterr().out == report.NO_RESULTS
+
+
+def test_readme_section_is_what_report_generates(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's Performance section is report.py's output for benchmarks/results/ (regenerate it with
+    ``python benchmarks/report.py`` after adding results)."""
+    report.main(["--stdout"])
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(report.BEGIN) + len(report.BEGIN): text.index(report.END)]
+    assert section == "\n" + capsys.readouterr().out
+
+
+def _variant(doc: dict[str, Any], folder: Path, stamp: str, **config: Any) -> Path:
+    folder.mkdir()
+    variant = {**doc, "env": {**doc["env"], "datetime_utc": stamp}, "config": {**doc["config"], **config}}
+    (folder / "loss.json").write_text(json.dumps(variant))
+    return folder
+
+
+def test_report_prefers_complete_full_runs(results: dict[str, Path], tmp_path: Path) -> None:
+    doc = json.loads((results["loss"] / "loss.json").read_text())
+    full = _variant(doc, tmp_path / "full", "2030-01-01T00:00:00+00:00", complete=True, quick=False)
+    killed = _variant(doc, tmp_path / "killed", "2030-01-03T00:00:00+00:00", complete=False, quick=False)
+    quick = _variant(doc, tmp_path / "quick", "2030-01-02T00:00:00+00:00", complete=True, quick=True)
+    assert report.newest([full, killed, quick], include_cpu=True)["loss"][1] == full / "loss.json"
+    found = report.newest([killed, quick], include_cpu=True)
+    assert found["loss"][1] == killed / "loss.json"  # no full run: the newest, labelled
+    assert report.render(found).count("[incomplete run") == 1
+    assert "[--quick settings]" in report.render(report.newest([quick], include_cpu=True))
+    assert "[" not in report.loss_section(*report.newest([full], include_cpu=True)["loss"])[0]
 
 
 def test_report_ignores_cpu_results_by_default(results: dict[str, Path]) -> None:
@@ -254,6 +413,19 @@ def test_device_peaks() -> None:
     assert common.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
+def test_resolve_device_sets_the_current_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    current: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert common.resolve_device("cuda:1") == "cuda:1" and current == [1]
+    with pytest.raises(SystemExit, match="only 2 CUDA device"):
+        common.resolve_device("cuda:2")
+    assert common.resolve_device("cpu") == "cpu" and current == [1]
+
+
 def test_summarize_quantiles() -> None:
     t = common.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
     assert (t.median_ms, t.p20_ms, t.p80_ms, t.reps) == pytest.approx((3.0, 1.8, 4.2, 5))
@@ -261,3 +433,22 @@ def test_summarize_quantiles() -> None:
 
 def test_gpu_check_script_parses() -> None:
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
+
+
+def _gpu_check(**env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(BENCH / "gpu_check.sh")], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_check_refuses_a_plan_over_ten_minutes() -> None:
+    proc = _gpu_check(GPU_CHECK_DRY_RUN="1", LOSS_S="400")
+    assert proc.returncode == 2 and "more than TOTAL_S=600s" in proc.stderr
+
+
+def test_gpu_check_stops_without_results_folder(tmp_path: Path) -> None:
+    """When common.py cannot create the results folder, nothing runs and nothing is written elsewhere."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = _gpu_check(GPU_CHECK_DRY_RUN="1", RESULTS_BASE=str(blocker / "sub"))
+    assert proc.returncode == 1 and "could not create the results folder" in proc.stderr
+    assert "==" not in proc.stdout  # no step started
