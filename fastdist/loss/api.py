@@ -102,7 +102,8 @@ def dist_loss(
         beta, gamma: weights of the inter (row) and intra (column) terms; tau: temperature.
         backend: "auto" | "triton" | "torch" | "reference".
         mask: optional bool (B, H, W) or (N,) keep-mask: the loss is that of the kept rows and the
-            excluded rows get zero gradient.
+            excluded rows get zero gradient (their values, even NaN or inf, do not reach the loss).
+            With no kept row both correlations are taken as 0: loss tau^2 (beta + gamma), zero gradients.
         intra_sync: take both terms over the global batch of all ranks of ``process_group`` (default
             group when None); the value is the global loss on every rank and the gradients are scaled
             so that DDP's averaging gives the single-process gradient of the concatenated batch.
