@@ -128,6 +128,131 @@ def test_test_split_without_labels(synth: Path, tmp_path: Path) -> None:
     assert all(p.label is not None for p in list_pairs(synth, "test"))
 
 
+# ----------------------------------------------------------------------------- header check
+
+
+def _bad_label(kind: str, shape: tuple[int, int]) -> Image.Image:
+    """A label that is not an 8-bit single-channel labelIds map (or is of another size)."""
+    ids = np.full(shape, 7, np.uint8)
+    if kind == "palette":
+        return Image.fromarray(ids).convert("P")
+    if kind == "rgb":
+        return Image.fromarray(np.stack([ids] * 3, -1))
+    if kind == "16-bit":
+        return Image.fromarray(ids.astype(np.uint16))
+    return Image.fromarray(np.full((shape[0], shape[1] + 2), 7, np.uint8))  # "size"
+
+
+@pytest.mark.parametrize("kind", ["palette", "rgb", "16-bit"])
+def test_header_check_refuses_labels_that_are_not_label_ids(tmp_path: Path, kind: str) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=0, val=3, size=(16, 32))
+    bad = list_pairs(root, "val")[1].label
+    _bad_label(kind, (16, 32)).save(bad)
+    mode = Image.open(bad).mode
+    assert mode != "L"
+    with pytest.raises(DatasetError) as err:
+        check_dataset(root, "val")
+    msg = str(err.value)
+    assert f"{bad} (mode {mode!r})" in msg and "8-bit single-channel labelIds" in msg and "1 of 3" in msg
+
+
+def test_header_check_names_both_files_of_a_size_mismatch(tmp_path: Path) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=0, val=3, size=(16, 32))
+    pair = list_pairs(root, "val")[2]
+    _bad_label("size", (16, 32)).save(pair.label)
+    with pytest.raises(DatasetError) as err:
+        check_dataset(root, "val")
+    assert f"{pair.image} is 16x32 but {pair.label} is 16x34" in str(err.value)
+    assert "1 image/label pair(s) of different sizes" in str(err.value)
+
+
+@pytest.mark.parametrize("which", ["image", "label"])
+def test_header_check_names_unreadable_files(tmp_path: Path, which: str) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=0, val=2, size=(16, 32))
+    bad = getattr(list_pairs(root, "val")[0], which)
+    Path(bad).write_bytes(b"\x89PNG not really")
+    with pytest.raises(DatasetError, match=f"1 unreadable {which}") as err:
+        check_dataset(root, "val")
+    assert f"{bad} (cannot identify image file" in str(err.value)
+
+
+def test_header_check_counts_offenders_of_each_kind(tmp_path: Path) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=9, val=0, size=(16, 32))
+    pairs = list_pairs(root, "train")
+    for pair in pairs[:7]:
+        _bad_label("size", (16, 32)).save(pair.label)
+    _bad_label("rgb", (16, 32)).save(pairs[8].label)
+    with pytest.raises(DatasetError) as err:
+        check_dataset(root, "train")
+    msg = str(err.value)
+    assert "8 of 9 image/label pairs are unusable" in msg
+    assert "7 image/label pair(s) of different sizes" in msg and "(and 2 more)" in msg
+    assert pairs[0].label in msg and pairs[6].label not in msg  # the first five, in pair order
+    assert "1 label(s) not 8-bit" in msg and pairs[8].label in msg and pairs[7].label not in msg
+
+
+# ----------------------------------------------------------------------------- list files
+
+
+def _list_columns(root: Path) -> tuple[list[str], list[str]]:
+    lines = (root / "train.lst").read_text().splitlines()
+    return [line.split()[0] for line in lines], [line.split()[1] for line in lines]
+
+
+def _write_list(root: Path, images: list[str], labels: list[str]) -> Path:
+    path = root / "custom.lst"
+    path.write_text("".join(f"{i} {lbl}\n" for i, lbl in zip(images, labels, strict=True)))
+    return path
+
+
+def test_list_file_shifted_label_column(tmp_path: Path) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=4, val=0, size=(16, 32))
+    images, labels = _list_columns(root)
+    lst = _write_list(root, images, labels[1:] + labels[:1])
+    assert all(os.path.isfile(root / lbl) for lbl in labels)  # every file exists: only the names tell
+    with pytest.raises(DatasetError) as err:
+        check_dataset(root, "train", lst)
+    msg = str(err.value)
+    assert str(lst) in msg and "4 wrong label(s)" in msg and "missing" not in msg
+    assert f"line 1: label {labels[1]} is not the label of image {images[0]}" in msg
+
+
+def test_list_file_label_is_the_image(tmp_path: Path) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=2, val=0, size=(16, 32))
+    images, labels = _list_columns(root)
+    lst = _write_list(root, images, [labels[0], "./" + images[1]])
+    with pytest.raises(DatasetError, match=f"line 2: label ./{images[1]} is the image itself"):
+        list_pairs(root, "train", lst)
+
+
+@pytest.mark.parametrize(
+    "suffix", ["_gtFine_labelTrainIds.png", "_gtFine_color.png", "_gtFine_instanceIds.png"]
+)
+def test_list_file_label_that_is_not_label_ids(tmp_path: Path, suffix: str) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=2, val=0, size=(16, 32))
+    images, labels = _list_columns(root)
+    other = labels[0].replace(cs.LABEL_SUFFIX, suffix)
+    (root / labels[0]).rename(root / other)  # the file exists, with the suffix of another gtFine map
+    with pytest.raises(DatasetError) as err:
+        list_pairs(root, "train", _write_list(root, images, [other, labels[1]]))
+    msg = str(err.value)
+    assert f"line 1: label {other} is a *{suffix} file, but labelIds" in msg and "1 wrong label(s)" in msg
+
+
+def test_list_file_other_naming_is_accepted(tmp_path: Path) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=3, val=0, size=(16, 32))
+    images, labels = _list_columns(root)
+    renamed = [f"plain/{i}_label.png" for i in range(3)]
+    (root / "plain").mkdir()
+    for old, new in zip(labels, renamed, strict=True):
+        (root / old).rename(root / new)
+    lst = _write_list(root, images, renamed)
+    assert check_dataset(root, "train", lst) == 3
+    pairs = list_pairs(root, "train", lst)
+    assert [p.label for p in pairs] == [str(root / n) for n in renamed]
+    assert [p.name for p in pairs] == [os.path.basename(i)[: -len(cs.IMAGE_SUFFIX)] for i in images]
+
+
 # ----------------------------------------------------------------------------- schedule
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +243,81 @@ def test_mixed_sizes_and_test_split(synth: Path, tmp_path: Path, backend: str) -
     shutil.rmtree(root / "gtFine" / "test")
     ((images, labels),) = collect(loader(root, "test", backend, batch_size=2))
     assert images.shape == (2, 3, 16, 32) and labels.shape == (2, 16, 32) and (labels == 255).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_pairs_refused_before_loading(tmp_path: Path, backend: str) -> None:
+    """A label of another size or in palette mode: an error naming the files, before any batch."""
+    root = make_synthetic_cityscapes(tmp_path, train=0, val=2, size=(16, 32))
+    pair = list_pairs(root, "val")[1]
+    Image.fromarray(np.full((16, 30), 7, np.uint8)).save(pair.label)
+    with pytest.raises(DatasetError) as err:
+        loader(root, "val", backend, batch_size=1)
+    assert f"{pair.image} is 16x32 but {pair.label} is 16x30" in str(err.value)
+    Image.fromarray(np.full((16, 32), 7, np.uint8)).convert("P").save(pair.label)
+    with pytest.raises(DatasetError, match="mode 'P'") as err:
+        loader(root, "val", backend, batch_size=1)
+    assert pair.label in str(err.value)
+
+
+def _signal_from_elsewhere(pids: list[int], signals: tuple[signal.Signals, ...]) -> None:
+    """Send ``signals`` to ``pids`` from another process, as torchrun's agent or a terminal does."""
+    code = f"import os\nfor s in {[int(s) for s in signals]}:\n    for p in {pids}:\n        os.kill(p, s)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_torch_workers_survive_foreign_signals(synth: Path) -> None:
+    """SIGTERM/SIGINT from another process do not kill the workers (the main process decides), the
+    batches go on unchanged, and shutting the loader down still stops the workers."""
+    want = collect(loader(synth, "train", "torch", max_iterations=6, num_threads=0))
+    before = set(multiprocessing.active_children())
+    ld = loader(synth, "train", "torch", max_iterations=6, num_threads=2)
+    batches = iter(ld)
+    got = [(x.clone(), y.clone()) for x, y in (next(batches), next(batches))]  # one from each worker
+    workers = [p for p in multiprocessing.active_children() if p not in before]
+    assert len(workers) == 2
+    _signal_from_elsewhere([w.pid for w in workers], (signal.SIGTERM, signal.SIGINT))
+    for worker in workers:
+        worker.join(timeout=0.5)
+    assert all(worker.is_alive() for worker in workers)
+    got += collect(batches)
+    assert len(got) == len(want)
+    for (xa, ya), (xb, yb) in zip(got, want, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    del batches, ld  # the DataLoader's shutdown stops the (persistent) workers
+    for worker in workers:
+        worker.join(timeout=10)
+    assert not any(worker.is_alive() for worker in workers)
+
+
+GROUP_SIGNAL_SCRIPT = """
+import os, signal, subprocess, sys
+from fastdist.data import build_loader
+
+received = []
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: received.append(signum))  # a preemption handler
+ld = build_loader(sys.argv[1], "train", 2, crop_size=(32, 64), backend="torch", device="cpu",
+                  num_threads=2, max_iterations=6)
+batches = iter(ld)
+next(batches), next(batches)
+# what torchrun's agent does to each rank (and the terminal on Ctrl-C): signal its whole process group
+kill = "import os, signal as S; [(S.signal(s, S.SIG_IGN), os.killpg({}, s)) for s in (S.SIGTERM, S.SIGINT)]"
+subprocess.run([sys.executable, "-c", kill.format(os.getpgrp())], check=True)
+print(sorted(received), 2 + sum(1 for _ in batches), flush=True)
+# exit with the loader and its workers alive: multiprocessing terminates them at exit, which must work
+"""
+
+
+def test_torch_loader_under_group_signal_and_exit(synth: Path) -> None:
+    """The preemption path end to end, in a process group of its own: the main process gets the
+    signals and finishes its batches, then exits promptly and cleanly with the workers still up."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-c", GROUP_SIGNAL_SCRIPT, str(synth)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == f"[{int(signal.SIGINT)}, {int(signal.SIGTERM)}] 6"
+    assert proc.stderr == ""
 
 
 @pytest.mark.parametrize("scale", [0.5, 0.7, 1.0, 1.3, 2.0])

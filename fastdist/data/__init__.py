@@ -7,6 +7,9 @@
 yields ``max_iterations`` batches per rank; other splits yield every image once over all ranks,
 unaugmented.  The ``test`` split works without ``gtFine`` labels (labels are then all 255);
 :func:`list_pairs` gives the image paths in loader order (rank ``r`` of ``w`` takes ``pairs[r::w]``).
+Before any loading, ``build_loader`` checks the names and every file's header (:func:`check_pairs`:
+images readable, labels 8-bit labelIds of their image's size), so both backends refuse bad pairs with
+a :class:`DatasetError` instead of yielding wrong labels.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import os
 
 import torch
 
-from fastdist.data.cityscapes import DatasetError, Pair, check_dataset, list_pairs
+from fastdist.data.cityscapes import DatasetError, Pair, check_dataset, check_pairs, list_pairs
 from fastdist.data.loader import Loader
 from fastdist.data.sampler import Schedule
 
-__all__ = ["BACKENDS", "DatasetError", "Loader", "Pair", "build_loader", "check_dataset", "list_pairs"]
+__all__ = [
+    "BACKENDS", "DatasetError", "Loader", "Pair", "build_loader", "check_dataset", "check_pairs",
+    "list_pairs",
+]  # fmt: skip
 
 BACKENDS = ("dali", "torch")
 
@@ -42,7 +48,7 @@ def build_loader(
     augment: bool | None = None,
     list_file: str | os.PathLike | None = None,
 ) -> Loader:
-    """Build the loader of one rank (see the module docstring; the pair check runs first).
+    """Build the loader of one rank (see the module docstring; the name and header checks run first).
 
     ``augment`` defaults to ``split == "train"`` (which also selects the iteration-based, reshuffled
     schedule); ``num_threads`` is DALI's CPU thread count or the torch backend's worker count
@@ -53,6 +59,7 @@ def build_loader(
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"images must be a float dtype, got {dtype}")
     pairs = list_pairs(root, split, list_file)
+    check_pairs(pairs)
     train = split == "train" if augment is None else augment
     schedule = Schedule(
         len(pairs), batch_size, train, rank, world_size, seed, max_iterations, start_iteration

@@ -8,17 +8,29 @@ Layout under a root (the standard Cityscapes one)::
 Reference list files (``train.lst``, ``val.lst``, ...: ``image_path label_path`` per line, relative
 to the root) are also accepted through ``list_file``.  Images and labels are matched by
 ``<city>/<stem>``; a missing or extra file is a :class:`DatasetError` that names the first offenders
-and the count.  For the ``test`` split labels are optional: without a ``gtFine/test`` folder every
-pair has ``label=None`` and the loaders yield labels filled with :data:`IGNORE_INDEX`.
+and the count.  In a list file a label must fit its image: not the image itself, not a train-id,
+colour or instance map (``*_gtFine_labelTrainIds.png``, ``*_gtFine_color.png``,
+``*_gtFine_instanceIds.png``), and the same ``<stem>`` when both names follow the Cityscapes
+convention (other naming is accepted as it is).  For the ``test`` split labels are optional: without a
+``gtFine/test`` folder every pair has ``label=None`` and the loaders yield labels filled with
+:data:`IGNORE_INDEX`.
+
+:func:`check_pairs` reads the header of every file (no decoding; 0.05 to 0.1 s per thousand pairs from
+a warm cache): each image must open, each label must be an 8-bit single-channel labelIds map (PIL mode
+``L``; palette, colour and 16-bit labels are refused, the loaders would mis-read them) of its image's
+size.  :func:`check_dataset` (the start-up check) and ``build_loader`` run it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 NUM_CLASSES = 19
 IGNORE_INDEX = 255
@@ -49,7 +61,11 @@ MEAN_BGR: tuple[float, float, float] = (104.00698793, 116.66876762, 122.67891434
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
+LABEL_MODE = "L"  # PIL mode of an 8-bit single-channel PNG, as every *_gtFine_labelIds.png is
+# gtFine files that are not labelIds: the label LUT would silently mis-map them
+NOT_LABEL_IDS_SUFFIXES = ("_gtFine_labelTrainIds.png", "_gtFine_color.png", "_gtFine_instanceIds.png")
 _MAX_NAMED = 5
+_HEADER_THREADS = 8
 
 
 class DatasetError(ValueError):
@@ -87,14 +103,15 @@ def _scan(folder: Path, suffix: str) -> dict[str, str]:
 
 
 def _offenders(kind: str, keys: list[str]) -> str:
-    shown = ", ".join(sorted(keys)[:_MAX_NAMED])
+    """``"<count> <kind>: <first few keys, in the given order>"``."""
+    shown = ", ".join(keys[:_MAX_NAMED])
     more = f" (and {len(keys) - _MAX_NAMED} more)" if len(keys) > _MAX_NAMED else ""
     return f"{len(keys)} {kind}: {shown}{more}"
 
 
 def _match(images: dict[str, str], labels: dict[str, str], where: str) -> list[Pair]:
-    missing = [k for k in images if k not in labels]
-    extra = [k for k in labels if k not in images]
+    missing = sorted(k for k in images if k not in labels)
+    extra = sorted(k for k in labels if k not in images)
     if missing or extra:
         parts = []
         if missing:
@@ -113,8 +130,30 @@ def _pairs_from_layout(root: Path, split: str) -> list[Pair]:
     return _match(images, _scan(label_dir, LABEL_SUFFIX), f"{root} ({split})")
 
 
+def _label_problem(image: str, label: str) -> str | None:
+    """Why a list file's ``label`` cannot be the labelIds map of ``image`` (None: it can)."""
+    image_name, label_name = os.path.basename(image), os.path.basename(label)
+    if os.path.normpath(image) == os.path.normpath(label):
+        return f"label {label} is the image itself"
+    wrong = [s for s in NOT_LABEL_IDS_SUFFIXES if label_name.endswith(s)]
+    if wrong:
+        return f"label {label} is a *{wrong[0]} file, but labelIds (*{LABEL_SUFFIX}) are expected"
+    cityscapes_names = image_name.endswith(IMAGE_SUFFIX) and label_name.endswith(LABEL_SUFFIX)
+    if cityscapes_names and image_name[: -len(IMAGE_SUFFIX)] != label_name[: -len(LABEL_SUFFIX)]:
+        return f"label {label} is not the label of image {image} (their Cityscapes stems differ)"
+    return None
+
+
+def _list_pair(root: Path, fields: list[str]) -> Pair:
+    """The pair of one list-file line (``image_path [label_path]``, relative to ``root``)."""
+    name = os.path.basename(fields[0])
+    name = name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else name
+    return Pair(str(root / fields[0]), str(root / fields[1]) if len(fields) == 2 else None, name)
+
+
 def _pairs_from_list(root: Path, list_file: Path) -> list[Pair]:
     pairs: list[Pair] = []
+    wrong: list[str] = []
     missing: list[str] = []
     for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
         fields = line.split()
@@ -122,13 +161,16 @@ def _pairs_from_list(root: Path, list_file: Path) -> list[Pair]:
             continue
         if len(fields) > 2:
             raise DatasetError(f"{list_file}:{lineno}: expected 'image_path [label_path]', got {line!r}")
-        image = str(root / fields[0])
-        label = str(root / fields[1]) if len(fields) == 2 else None
-        missing += [p for p in (image, label) if p is not None and not os.path.isfile(p)]
-        name = os.path.basename(fields[0])
-        pairs.append(Pair(image, label, name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else name))
-    if missing:
-        raise DatasetError(f"list file {list_file} names " + _offenders("missing file(s)", missing))
+        problem = _label_problem(*fields) if len(fields) == 2 else None
+        if problem is not None:
+            wrong.append(f"line {lineno}: {problem}")
+        pair = _list_pair(root, fields)
+        missing += [p for p in (pair.image, pair.label) if p is not None and not os.path.isfile(p)]
+        pairs.append(pair)
+    found = (("wrong label(s)", wrong), ("missing file(s)", missing))
+    parts = [_offenders(kind, keys) for kind, keys in found if keys]
+    if parts:
+        raise DatasetError(f"list file {list_file}: " + "; ".join(parts))
     return pairs
 
 
@@ -157,6 +199,52 @@ def list_pairs(root: str | os.PathLike, split: str, list_file: str | os.PathLike
     return pairs
 
 
+def _header(path: str) -> tuple[str, tuple[int, int]]:
+    """(PIL mode, (height, width)) of an image file, from its header only."""
+    with Image.open(path) as img:
+        return img.mode, (img.height, img.width)
+
+
+def _pair_problem(pair: Pair) -> tuple[str, str] | None:
+    """(kind, description) of the first problem in one pair's file headers; None when it is usable."""
+    try:
+        _, image_size = _header(pair.image)
+    except (OSError, ValueError, SyntaxError) as exc:
+        return "unreadable image(s)", f"{pair.image} ({exc})"
+    if pair.label is None:
+        return None
+    try:
+        mode, label_size = _header(pair.label)
+    except (OSError, ValueError, SyntaxError) as exc:
+        return "unreadable label(s)", f"{pair.label} ({exc})"
+    if mode != LABEL_MODE:
+        kind = f"label(s) not 8-bit single-channel labelIds (*{LABEL_SUFFIX}, PIL mode {LABEL_MODE!r})"
+        return kind, f"{pair.label} (mode {mode!r})"
+    if label_size != image_size:
+        (ih, iw), (lh, lw) = image_size, label_size
+        kind = "image/label pair(s) of different sizes (height x width)"
+        return kind, f"{pair.image} is {ih}x{iw} but {pair.label} is {lh}x{lw}"
+    return None
+
+
+def check_pairs(pairs: Sequence[Pair], threads: int = _HEADER_THREADS) -> None:
+    """Raise :class:`DatasetError` unless every image opens and every label is labelIds of its image's size.
+
+    Reads only the file headers (``threads`` at a time); the error names the first few offenders of
+    each kind (unreadable image or label, label not 8-bit single-channel, sizes differ) and the counts.
+    """
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        problems = [p for p in pool.map(_pair_problem, pairs) if p is not None]
+    if problems:
+        by_kind: dict[str, list[str]] = {}
+        for kind, what in problems:
+            by_kind.setdefault(kind, []).append(what)
+        found = "; ".join(_offenders(kind, keys) for kind, keys in by_kind.items())
+        raise DatasetError(f"{len(problems)} of {len(pairs)} image/label pairs are unusable: {found}")
+
+
 def check_dataset(root: str | os.PathLike, split: str, list_file: str | os.PathLike | None = None) -> int:
-    """Validate the pairs of a split (cheaply: names only) and return their number."""
-    return len(list_pairs(root, split, list_file))
+    """Validate the pairs of a split (names, then every file's header) and return their number."""
+    pairs = list_pairs(root, split, list_file)
+    check_pairs(pairs)
+    return len(pairs)

@@ -7,10 +7,21 @@ bottom/right, crop and flip, all as uint8.  Only the crop window of the scaled i
 The main process copies pinned uint8 batches to the device without
 blocking, converts to float32, subtracts the mean and zeroes the padding there: 4x less traffic
 than shipping floats.  Sample order and every random draw come from :class:`Schedule`.
+
+Workers obey SIGINT and SIGTERM only when the main process sends them: torchrun signals each rank's
+whole process group (a terminal's Ctrl-C its foreground group), and a worker killed by that would make
+the main process fail with "DataLoader worker ... is killed by signal" before its preemption handler
+could checkpoint.  So only the main process decides; its ``DataLoader`` still stops the workers (the
+sentinel, and as a last resort ``terminate()``, as ``multiprocessing`` also does at interpreter exit),
+and workers exit on their own when the main process dies.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -21,6 +32,8 @@ from torch.utils.data import DataLoader, Dataset
 from fastdist.data.cityscapes import IGNORE_INDEX, DatasetError, Pair, label_lut
 from fastdist.data.loader import MEAN_BGR_F32, Loader, check_same_size, finish_batch
 from fastdist.data.sampler import CropPlan, SampleSpec, Schedule, plan_crop
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 Sample = tuple[torch.Tensor, torch.Tensor | None, tuple[int, int, bool], str]
 
@@ -143,8 +156,27 @@ def normalize(
     return out
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
+def _obey_only(main_pid: int) -> None:
+    """Wait for SIGINT/SIGTERM; exit on one sent by the main process, drop those sent by others.
+
+    The exit is a clean one (status 0): the main process asked for it, and torch's SIGCHLD check in
+    the main process would report any other status as a failed worker.
+    """
+    while signal.sigwaitinfo(_STOP_SIGNALS).si_pid != main_pid:
+        pass
+    os._exit(0)
+
+
+def _worker_init(main_pid: int, _: int) -> None:
+    """Leave SIGINT/SIGTERM to the main process ``main_pid`` (see the module docstring).
+
+    The signals are blocked in every thread of the worker (it has one now; later threads inherit the
+    mask) and one thread takes them with ``sigwaitinfo``, which tells who sent them.  Plain SIG_IGN
+    would not do: ``multiprocessing`` terminates daemonic workers at exit with SIGTERM and then waits
+    for them, forever if they ignore it.  (torch itself limits each worker to one intra-op thread.)
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    threading.Thread(target=_obey_only, args=(main_pid,), daemon=True).start()
 
 
 class TorchLoader(Loader):
@@ -171,7 +203,7 @@ class TorchLoader(Loader):
             collate_fn=collate,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
-            worker_init_fn=_worker_init if workers > 0 else None,
+            worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
             prefetch_factor=4 if workers > 0 else None,
             # worker seeds from a private generator: iterating never moves the global torch RNG
             generator=torch.Generator().manual_seed(schedule.seed),
