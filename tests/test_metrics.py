@@ -46,6 +46,8 @@ def test_ignore_index_and_out_of_range_targets_are_not_counted() -> None:
     assert res["IoU"] == [1.0, 1.0, 0.0]
     custom = _cm([[0, 1]], [[0, -1]], ignore_index=-1)
     assert int(custom.matrix.sum()) == 1
+    inside = _cm([[5, 1, 1]], [[0, 1, 2]], num_classes=6, ignore_index=0)  # an ignore value inside 0..C-1
+    assert int(inside.matrix.sum()) == 2 and inside.compute()["pixAcc"] == 0.5
 
 
 def test_absent_class_conventions() -> None:

@@ -70,8 +70,8 @@ class ConfusionMatrix:
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``pred`` and ``target`` are integer tensors of the same shape, e.g. (B, H, W).
 
-        Pixels with a target outside ``[0, num_classes)`` (the ignore index included) are skipped;
-        so are (impossible for argmax output) predictions outside that range.
+        Pixels whose target is ``ignore_index`` or outside ``[0, num_classes)`` are skipped; so are
+        (impossible for argmax output) predictions outside that range.
         """
         if pred.shape != target.shape:
             raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
@@ -80,7 +80,7 @@ class ConfusionMatrix:
         c = self.num_classes
         pred = pred.to(self.device, non_blocking=True).reshape(-1).long()
         target = target.to(self.device, non_blocking=True).reshape(-1).long()
-        valid = (target >= 0) & (target < c) & (pred >= 0) & (pred < c)
+        valid = (target >= 0) & (target < c) & (target != self.ignore_index) & (pred >= 0) & (pred < c)
         flat = torch.where(valid, target * c + pred, c * c)
         # index_add_ is bincount without the host sync torch.bincount does on CUDA (it reads the
         # input's max to size its output); integer adds make it exact and order-independent.
