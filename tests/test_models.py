@@ -260,6 +260,9 @@ WRAPPERS: dict[str, Callable[[dict], object]] = {
     "state_dict": lambda sd: {"state_dict": sd, "epoch": 3},
     "model": lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {"lr": 0.01}},
     "nested": lambda sd: {"state_dict": {"model": sd}},
+    # a fastdist training checkpoint (latest.pth / best.pth): the weights are under "student"
+    "training": lambda sd: {"format": "fastdist-train", "iteration": 4, "student": sd,
+                            "optimizer": {"state": {}, "param_groups": []}, "config": {"lr": 0.02}},
 }
 
 

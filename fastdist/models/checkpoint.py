@@ -1,8 +1,9 @@
 """Checkpoint I/O for the segmentation models, compatible with the published DIST/CIRKD files.
 
 Accepted layouts: a plain state dict (``torch.save(model.state_dict())``, as the reference saves), one
-wrapped under ``"state_dict"`` or ``"model"`` (nested wrappers too), and keys prefixed by DDP
-(``module.``) or ``torch.compile`` (``_orig_mod.``), in any combination. Loading is strict: missing,
+wrapped under ``"state_dict"``, ``"model"`` or ``"student"`` (fastdist's ``latest.pth``/``best.pth``;
+nested wrappers too), and keys prefixed by DDP (``module.``) or ``torch.compile`` (``_orig_mod.``), in
+any combination. Loading is strict: missing,
 unexpected or wrongly shaped keys raise ``CheckpointError`` listing them. Files are read with
 ``torch.load(weights_only=True)`` on the CPU (tensors and plain containers only; no code execution).
 """
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, Tensor]
-_WRAPPER_KEYS = ("state_dict", "model")
+_WRAPPER_KEYS = ("state_dict", "model", "student")
 _MAX_LISTED = 30
 
 
