@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from fastdist.data import DALI_HINT, dali_available
 from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES, DatasetError, check_dataset, list_pairs
 from fastdist.engine.distributed import (
     DistributedSetupError,
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_inference_args(p)
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--loader", choices=("auto", "torch", "dali"), default="auto",
-                   help="data backend (auto: dali on CUDA, torch on CPU)")
+                   help="data backend (auto: dali on CUDA when DALI is installed, else torch)")
     p.add_argument("--workers", "-j", type=int, default=4, help="loader threads/workers")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward and rank")
     p.add_argument("--save-dir", default=None, help="write the results as JSON here")
@@ -54,6 +55,8 @@ def _validate(args: argparse.Namespace) -> None:
     if any(s <= 0 for s in args.scales):
         raise InferenceSetupError(f"--scales must be positive, got {args.scales}")
     amp_dtype_from_name(args.amp)
+    if args.loader == "dali" and not dali_available():
+        raise InferenceSetupError(f"--loader dali: {DALI_HINT}")
     check_dataset(args.data, args.split)
     if any(pair.label is None for pair in list_pairs(args.data, args.split)):
         raise InferenceSetupError(f"split {args.split!r} under {args.data} has no labels (no gtFine/"
@@ -62,14 +65,14 @@ def _validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Validate, load, evaluate on all ranks; print and save the results on the main rank."""
-    from fastdist.data import build_loader
+    from fastdist.data import build_loader, default_backend
 
     _validate(args)
     model = build_inference_model(args.model, args.backbone, args.pretrained, NUM_CLASSES)
     env = setup_distributed(args.device)
     channels_last = env.device.type == "cuda" if args.channels_last is None else args.channels_last
     model = to_device(model, env.device, channels_last)
-    backend = args.loader if args.loader != "auto" else ("dali" if env.device.type == "cuda" else "torch")
+    backend = args.loader if args.loader != "auto" else default_backend(env.device)
     loader = build_loader(args.data, args.split, args.batch_size, backend=backend, device=env.device,
                           rank=env.rank, world_size=env.world_size, num_threads=args.workers,
                           channels_last=channels_last, augment=False)  # whole images, also for train

@@ -81,6 +81,7 @@ argument of the launchers, and tests/aot compiles every config (``aot_kernel_spe
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -474,6 +475,12 @@ def _pick_config(key, configs, default, launch, device: torch.device):
     return best
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` current: Triton launches (and ``do_bench``) on the current device and stream,
+    not on the arguments' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _one_image(n: int, hw: int, group_rows: int) -> bool:
     """True when no group of `group_rows` consecutive rows spans two images."""
     return hw == n or hw % group_rows == 0
@@ -516,11 +523,12 @@ def dist_forward_stats(
             num_warps=tp["num_warps"], num_stages=cfg["num_stages"], maxnreg=tp["maxnreg"],
         )
 
-    if config is None:
-        key = ("fwd", C, s.dtype, t.dtype, _layout_key(s_str), _layout_key(t_str), m is not None,
-               triton.next_power_of_2(num_chunks))
-        config = _pick_config(key, FWD_CONFIGS, _FWD_DEFAULT, launch, dev)
-    launch(config)
+    with _on_device(dev):
+        if config is None:
+            key = ("fwd", C, s.dtype, t.dtype, _layout_key(s_str), _layout_key(t_str), m is not None,
+                   triton.next_power_of_2(num_chunks))
+            config = _pick_config(key, FWD_CONFIGS, _FWD_DEFAULT, launch, dev)
+        launch(config)
     return _finalize(row_part, col_part)
 
 
@@ -601,11 +609,12 @@ def dist_backward(
                 num_warps=tp["num_warps"], num_stages=cfg["num_stages"], maxnreg=tp["maxnreg"],
             )
 
-        if config is None:
-            key = ("bwd", C, s.dtype, t.dtype, _layout_key(s_str), _layout_key(t_str), m is not None,
-                   bool(need_student), bool(need_teacher), triton.next_power_of_2(num_groups))
-            config = _pick_config(key, BWD_CONFIGS, _BWD_DEFAULT, launch, s.device)
-        launch(config)
+        with _on_device(s.device):
+            if config is None:
+                key = ("bwd", C, s.dtype, t.dtype, _layout_key(s_str), _layout_key(t_str), m is not None,
+                       bool(need_student), bool(need_teacher), triton.next_power_of_2(num_groups))
+                config = _pick_config(key, BWD_CONFIGS, _BWD_DEFAULT, launch, s.device)
+            launch(config)
     if ds is not None and ds is not ds_out:
         ds_out.copy_(ds)
     if dt is not None and dt is not dt_out:

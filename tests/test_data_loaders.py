@@ -350,6 +350,8 @@ def test_torch_window_resize_matches_full_interpolate(scale: float) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_matches_cpu(synth: Path, backend: str) -> None:
     """On a GPU (mixed decoding, GPU operators / pinned copies) the batches equal the CPU ones."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (e.g. the lent GPU machines)")
     for split, kw in (("val", {}), ("train", {"max_iterations": 3, "seed": 4})):
         cpu = collect(loader(synth, split, backend, batch_size=2, **kw))
         gpu = [
@@ -365,3 +367,15 @@ def test_cuda_matches_cpu(synth: Path, backend: str) -> None:
                 assert (yc == yg.cpu()).float().mean() > 0.998
                 assert (xc - xg.cpu()).abs().max() <= 1.0 + 1e-4
                 assert torch.equal(xc == 0, xg.cpu() == 0)
+
+
+def test_without_dali_the_torch_backend_is_the_default(synth: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without DALI (as the lent GPU machines): 'auto' picks torch, asking for dali is a clear
+    error at build time, never a failure in the middle of an epoch."""
+    from fastdist.data import dali_available, default_backend
+
+    assert dali_available() and default_backend("cuda") == "dali" and default_backend("cpu") == "torch"
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # what an absent package looks like
+    assert not dali_available() and default_backend("cuda") == "torch"
+    with pytest.raises(RuntimeError, match="needs NVIDIA DALI .*--loader torch"):
+        build_loader(synth, "val", 2, crop_size=CROP, backend="dali", device="cpu")

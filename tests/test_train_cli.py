@@ -147,6 +147,13 @@ def test_a_new_run_never_replaces_an_earlier_one(data: Path, tmp_path: Path,
     assert (save / "best.pth").read_bytes() == b"earlier run"
 
 
+def test_dali_loader_needs_dali(data: Path, capsys: pytest.CaptureFixture,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # a machine without DALI
+    _fails_fast(_base(data, "--loader", "dali"), capsys, "--loader dali", "nvidia-dali-cuda120",
+                "--loader torch")
+
+
 def test_apex_optimizer_needs_apex(data: Path, capsys: pytest.CaptureFixture) -> None:
     _fails_fast(_base(data, "--optimizer", "apex"), capsys, "NVIDIA apex", "--optimizer sgd")
 

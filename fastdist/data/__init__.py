@@ -14,6 +14,7 @@ a :class:`DatasetError` instead of yielding wrong labels.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -23,11 +24,26 @@ from fastdist.data.loader import Loader
 from fastdist.data.sampler import Schedule
 
 __all__ = [
-    "BACKENDS", "DatasetError", "Loader", "Pair", "build_loader", "check_dataset", "check_pairs",
-    "list_pairs",
+    "BACKENDS", "DALI_HINT", "DatasetError", "Loader", "Pair", "build_loader", "check_dataset", "check_pairs",
+    "dali_available", "default_backend", "list_pairs",
 ]  # fmt: skip
 
 BACKENDS = ("dali", "torch")
+DALI_HINT = ("the 'dali' data backend needs NVIDIA DALI (pip install nvidia-dali-cuda120, or the project's "
+             "[dali] extra); without it use the 'torch' backend (--loader torch)")
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no "nvidia" package at all
+        return False
+
+
+def default_backend(device: str | torch.device) -> str:
+    """``"dali"`` on CUDA when DALI is installed, else ``"torch"``."""
+    return "dali" if torch.device(device).type == "cuda" and dali_available() else "torch"
 
 
 def build_loader(
@@ -56,6 +72,8 @@ def build_loader(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown data backend {backend!r}: expected one of {BACKENDS}")
+    if backend == "dali" and not dali_available():
+        raise RuntimeError(DALI_HINT)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"images must be a float dtype, got {dtype}")
     pairs = list_pairs(root, split, list_file)

@@ -3,7 +3,8 @@
 Sample order and all random draws come from the shared :class:`Schedule` (the same as the torch
 backend): an ``external_source`` feeds each batch's encoded image and label bytes *together* (so
 pairs can never misalign) with each sample's resize size, crop position and flip.  The pipeline
-decodes (``mixed`` on a GPU, CPU threads otherwise) straight to BGR, maps labelIds to train ids with
+decodes (``mixed`` on a GPU -- for PNG that is DALI's CPU threads, then a copy to the GPU; DALI
+decodes only JPEG and JPEG 2000 on the GPU -- CPU threads otherwise) straight to BGR, maps labelIds to train ids with
 ``lookup_table``, and for training resizes (linear without antialias / nearest), then crops with
 bottom-right padding, flips and subtracts the mean in one ``crop_mirror_normalize`` (padding
 written as exactly 0, labels padded with 255).  With a CUDA device it runs on ``device_id`` = that

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from fastdist.data import DALI_HINT, dali_available, default_backend
+
 __all__ = ["ConfigError", "RECIPE_KEYS", "build_parser", "check_resume_compatible", "config_dict",
            "parse_config", "resolve", "save_config"]
 
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", "-j", type=_non_negative_int, default=16,
                    help="loader threads (DALI) or worker processes (torch; 0 = in the main process) per rank")
     g.add_argument("--loader", choices=("dali", "torch"), default=None,
-                   help="data pipeline (default: dali on CUDA, torch on CPU)")
+                   help="data pipeline (default: dali on CUDA when DALI is installed, else torch)")
     g.add_argument("--val-batch-size", type=_positive_int, default=None,
                    help="validation images per rank and batch (default: the per-rank training batch)")
     g.add_argument("--dataset", default="citys", choices=("citys",), help="reference flag (Cityscapes only)")
@@ -215,6 +217,8 @@ def _check_numbers(cfg: argparse.Namespace) -> None:
         raise ConfigError(f"--stop-at {cfg.stop_at} is beyond --max-iterations {cfg.max_iterations}")
     if cfg.lr <= 0 or cfg.kd_temperature <= 0:
         raise ConfigError("--lr and --kd-temperature must be positive")
+    if cfg.loader == "dali" and not dali_available():
+        raise ConfigError(f"--loader dali: {DALI_HINT}")
     if cfg.optimizer == "apex" and (cfg.device_type != "cuda" or importlib.util.find_spec("apex") is None):
         raise ConfigError("--optimizer apex needs a GPU and NVIDIA apex with its CUDA extensions "
                           "(https://github.com/NVIDIA/apex#installation); --optimizer sgd uses torch's fused "
@@ -234,7 +238,7 @@ def resolve(cfg: argparse.Namespace) -> argparse.Namespace:
     if cfg.compile is None:
         cfg.compile = cuda
     if cfg.loader is None:
-        cfg.loader = "dali" if cuda else "torch"
+        cfg.loader = default_backend(cfg.device_type)
     cfg.world_size = _world_size()
     cfg.batch_per_rank = cfg.batch_size // cfg.world_size
     if cfg.val_batch_size is None:
