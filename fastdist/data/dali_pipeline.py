@@ -1,16 +1,16 @@
 """The DALI backend: one pipeline per rank, decoding and augmentation in DALI, output on device.
 
 Sample order and all random draws come from the shared :class:`Schedule` (the same as the torch
-backend): an ``external_source`` feeds each batch's encoded image and label bytes *together* (so
-pairs can never misalign) with each sample's resize size, crop position and flip.  The pipeline
-decodes (``mixed`` on a GPU -- for PNG that is DALI's CPU threads, then a copy to the GPU; DALI
-decodes only JPEG and JPEG 2000 on the GPU -- CPU threads otherwise) straight to BGR, maps labelIds to train ids with
+backend): an ``external_source`` feeds each batch's encoded image and label bytes *together* (so pairs
+can never misalign) with each sample's resize size, crop position and flip. The pipeline decodes
+(``mixed`` on a GPU -- for PNG that is DALI's CPU threads, then a copy to the GPU; DALI decodes only
+JPEG and JPEG 2000 on the GPU -- CPU threads otherwise) straight to BGR, maps labelIds to train ids with
 ``lookup_table``, and for training resizes (linear without antialias / nearest), then crops with
-bottom-right padding, flips and subtracts the mean in one ``crop_mirror_normalize`` (padding
-written as exactly 0, labels padded with 255).  With a CUDA device it runs on ``device_id`` = that
-device with GPU operators and hands the output to torch via DLPack; without one the same graph runs
-in DALI's CPU-only mode (``device_id=None``), which is what the tests use.  DALI errors surface as
-:class:`DatasetError` naming the file.
+bottom-right padding, flips and subtracts the mean in one ``crop_mirror_normalize`` (padding written as
+exactly 0, labels padded with 255). With a CUDA device it runs on ``device_id`` = that device with GPU
+operators and hands the output to torch via DLPack; without one the same graph runs in DALI's CPU-only
+mode (``device_id=None``), which is what the tests use. DALI errors surface as :class:`DatasetError`
+naming the file.
 """
 
 from __future__ import annotations

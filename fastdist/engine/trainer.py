@@ -1,13 +1,14 @@
 """The training step and loop: distil (or train) the student, validate, checkpoint, survive preemption.
 
-Hot path (`Trainer.train_step`): set the poly learning rate (a Python float), forward the frozen
-teacher under ``no_grad`` and the student under autocast, task + DIST loss, backward (through a
-GradScaler for fp16), fused SGD step, ``zero_grad(set_to_none=True)``. The step never waits for the
-device (one exception: torch's SyncBatchNorm, used on several GPUs, syncs in each layer's forward and
-breaks ``torch.compile`` graphs at every such layer; torch's own code, not ours): losses are summed on the device and a non-finite loss only sets a device-side flag holding
-its iteration. The host reads them at *sync points* (every ``--check-every`` iterations and at every
-log, validation and checkpoint iteration) in one small all-gather that also carries each rank's
-preemption flag, so all ranks take the same decision at the same iteration (see `signals`).
+Hot path (`Trainer.train_step`): set the poly learning rate (a Python float), forward the frozen teacher
+under ``no_grad`` and the student under autocast, task + DIST loss, backward (through a GradScaler for
+fp16), fused SGD step, ``zero_grad(set_to_none=True)``. The step never waits for the device (one
+exception: torch's SyncBatchNorm, used on several GPUs, syncs in each layer's forward and breaks
+``torch.compile`` graphs at every such layer; torch's own code, not ours): losses are summed on the
+device and a non-finite loss only sets a device-side flag holding its iteration. The host reads them at
+*sync points* (every ``--check-every`` iterations and at every log, validation and checkpoint iteration)
+in one small all-gather that also carries each rank's preemption flag, so all ranks take the same
+decision at the same iteration (see `signals`).
 
 Per iteration ``it`` (1-based, ``it`` steps done): sync point? -> stop on a non-finite loss (no
 checkpoint is written, the last good one stays) -> log -> save latest (at save and validation points)
