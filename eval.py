@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> dict:
     backend = args.loader if args.loader != "auto" else default_backend(env.device)
     loader = build_loader(args.data, args.split, args.batch_size, backend=backend, device=env.device,
                           rank=env.rank, world_size=env.world_size, num_threads=args.workers,
-                          channels_last=channels_last, augment=False)  # whole images, also for train
+                          channels_last=channels_last, augment=False,  # whole images, also for train
+                          check_files=False)  # _validate ran check_dataset
     start = time.perf_counter()
     result = evaluate(model, loader, NUM_CLASSES, env.device, scales=tuple(args.scales),
                       flip=args.flip_eval, amp_dtype=amp_dtype_from_name(args.amp))

@@ -13,6 +13,7 @@ machinery live in ``fastdist.engine`` (config, kd, trainer, checkpoint, logger, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -64,13 +65,18 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
     configure_backends(env.device)
     seed_everything(cfg.seed + env.rank)  # dropout streams differ per rank (restored on resume)
     start = resume["iteration"] if resume else 0
+    removed = []
     if env.is_main:
+        if cfg.overwrite and resume is None:
+            removed = ckpt.remove_earlier_run(cfg.save_dir, cfg.log_dir)
         save_config(cfg, cfg.save_dir)
     log = RunLogger(cfg.log_dir, env.is_main, progress_total=cfg.stop_at or cfg.max_iterations,
                     progress_start=start)
     log.info(f"fastdist train: {cfg.command}\n  device {env.device} x {env.world_size}, amp {cfg.amp}, "
              f"channels_last {cfg.channels_last}, compile {cfg.compile}, loader {cfg.loader}, "
              f"kd backend {cfg.kd_backend}, optimizer {cfg.optimizer}")
+    if removed:
+        log.info(f"--overwrite: removed the earlier run's {', '.join(map(os.path.basename, removed))}")
     for note in getattr(cfg, "resume_notes", []):
         log.warning(note)
     if resume:
@@ -89,7 +95,8 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
             scaler.load_state_dict(resume["scaler"])
 
     common = dict(backend=cfg.loader, device=env.device, rank=env.rank, world_size=env.world_size,
-                  num_threads=cfg.workers, channels_last=cfg.channels_last)
+                  num_threads=cfg.workers, channels_last=cfg.channels_last,
+                  check_files=False)  # parse_config checked the pairs and headers
     train_loader = build_loader(cfg.data, "train", cfg.batch_per_rank, crop_size=tuple(cfg.crop_size),
                                 seed=cfg.seed, max_iterations=cfg.max_iterations, start_iteration=start,
                                 **common)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -174,6 +175,36 @@ def test_header_check_names_unreadable_files(tmp_path: Path, which: str) -> None
     with pytest.raises(DatasetError, match=f"1 unreadable {which}") as err:
         check_dataset(root, "val")
     assert f"{bad} (cannot identify image file" in str(err.value)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    body = kind + data
+    return len(data).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+
+def _png_header(height: int, width: int) -> bytes:
+    """A PNG (8-bit grayscale) whose header claims ``height`` x ``width``; its image data is empty."""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"")
+
+
+def test_header_check_names_a_decompression_bomb(tmp_path: Path) -> None:
+    """A header claiming 40000 x 40000 pixels (PIL refuses it with its own exception type)."""
+    root = make_synthetic_cityscapes(tmp_path, train=0, val=2, size=(16, 32))
+    bad = list_pairs(root, "val")[1].label
+    Path(bad).write_bytes(_png_header(40000, 40000))
+    with pytest.raises(DatasetError, match="1 unreadable label") as err:
+        check_dataset(root, "val")
+    assert bad in str(err.value) and "decompression bomb" in str(err.value)
+
+
+def test_check_dataset_reads_the_headers_of_its_rank_only(tmp_path: Path) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=0, val=4, size=(16, 32))
+    bad = list_pairs(root, "val")[2].image
+    Path(bad).write_bytes(b"\x89PNG not really")
+    assert check_dataset(root, "val", rank=1, world_size=2) == 4  # pairs 1 and 3
+    with pytest.raises(DatasetError, match="1 unreadable image"):
+        check_dataset(root, "val", rank=0, world_size=2)  # pairs 0 and 2
 
 
 def test_header_check_counts_offenders_of_each_kind(tmp_path: Path) -> None:

@@ -154,6 +154,23 @@ def test_dali_loader_needs_dali(data: Path, capsys: pytest.CaptureFixture,
                 "--loader torch")
 
 
+def test_overwrite_removes_the_earlier_run(data: Path, tmp_path: Path) -> None:
+    """No file of the earlier run (checkpoints, exports, logs) survives next to the new run's."""
+    save = tmp_path / "run"
+    tiny = ["--batch-size", "2", "--crop-size", "32", "64", "--workers", "0", "--save-dir", str(save)]
+    assert train.main(_base(data, *tiny, "--max-iterations", "2", "--val-per-iters", "2")) == 0
+    export = "psp_mobile_mobilenetv2_citys_best_model.pth"
+    assert {"best.pth", "latest.pth", export, "metrics.jsonl"} <= {p.name for p in save.iterdir()}
+    (save / "notes.txt").write_text("mine")  # not the run's: stays
+    assert train.main(_base(data, *tiny, "--max-iterations", "1", "--skip-val", "--overwrite")) == 0
+    names = {p.name for p in save.iterdir()}
+    assert "best.pth" not in names and export not in names and "notes.txt" in names
+    assert ckpt.load_training_state(str(save / ckpt.LATEST))["iteration"] == 1
+    records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(r.get("iteration", 1) <= 1 for r in records)
+    assert "--overwrite: removed the earlier run's latest.pth, best.pth" in (save / "train.log").read_text()
+
+
 def test_apex_optimizer_needs_apex(data: Path, capsys: pytest.CaptureFixture) -> None:
     _fails_fast(_base(data, "--optimizer", "apex"), capsys, "NVIDIA apex", "--optimizer sgd")
 

@@ -63,12 +63,14 @@ def build_loader(
     dtype: torch.dtype = torch.float32,
     augment: bool | None = None,
     list_file: str | os.PathLike | None = None,
+    check_files: bool = True,
 ) -> Loader:
     """Build the loader of one rank (see the module docstring; the name and header checks run first).
 
     ``augment`` defaults to ``split == "train"`` (which also selects the iteration-based, reshuffled
     schedule); ``num_threads`` is DALI's CPU thread count or the torch backend's worker count
-    (0: load in the main process); ``list_file`` replaces the folder scan by a reference list.
+    (0: load in the main process); ``list_file`` replaces the folder scan by a reference list;
+    ``check_files=False`` skips the header check (for callers that ran :func:`check_dataset` already).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown data backend {backend!r}: expected one of {BACKENDS}")
@@ -77,7 +79,8 @@ def build_loader(
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"images must be a float dtype, got {dtype}")
     pairs = list_pairs(root, split, list_file)
-    check_pairs(pairs)
+    if check_files:
+        check_pairs(pairs)
     train = split == "train" if augment is None else augment
     schedule = Schedule(
         len(pairs), batch_size, train, rank, world_size, seed, max_iterations, start_iteration

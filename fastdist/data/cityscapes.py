@@ -66,6 +66,8 @@ LABEL_MODE = "L"  # PIL mode of an 8-bit single-channel PNG, as every *_gtFine_l
 NOT_LABEL_IDS_SUFFIXES = ("_gtFine_labelTrainIds.png", "_gtFine_color.png", "_gtFine_instanceIds.png")
 _MAX_NAMED = 5
 _HEADER_THREADS = 8
+# what PIL raises for a header it cannot use (a DecompressionBombError is not an OSError)
+_HEADER_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class DatasetError(ValueError):
@@ -209,13 +211,13 @@ def _pair_problem(pair: Pair) -> tuple[str, str] | None:
     """(kind, description) of the first problem in one pair's file headers; None when it is usable."""
     try:
         _, image_size = _header(pair.image)
-    except (OSError, ValueError, SyntaxError) as exc:
+    except _HEADER_ERRORS as exc:
         return "unreadable image(s)", f"{pair.image} ({exc})"
     if pair.label is None:
         return None
     try:
         mode, label_size = _header(pair.label)
-    except (OSError, ValueError, SyntaxError) as exc:
+    except _HEADER_ERRORS as exc:
         return "unreadable label(s)", f"{pair.label} ({exc})"
     if mode != LABEL_MODE:
         kind = f"label(s) not 8-bit single-channel labelIds (*{LABEL_SUFFIX}, PIL mode {LABEL_MODE!r})"
@@ -243,8 +245,13 @@ def check_pairs(pairs: Sequence[Pair], threads: int = _HEADER_THREADS) -> None:
         raise DatasetError(f"{len(problems)} of {len(pairs)} image/label pairs are unusable: {found}")
 
 
-def check_dataset(root: str | os.PathLike, split: str, list_file: str | os.PathLike | None = None) -> int:
-    """Validate the pairs of a split (names, then every file's header) and return their number."""
+def check_dataset(root: str | os.PathLike, split: str, list_file: str | os.PathLike | None = None,
+                  rank: int = 0, world_size: int = 1) -> int:
+    """Validate the pairs of a split (names, then file headers) and return their number.
+
+    The headers of ``pairs[rank::world_size]`` are read: under torchrun every rank checks its share, so a
+    large dataset on shared storage is opened once, not once per rank.
+    """
     pairs = list_pairs(root, split, list_file)
-    check_pairs(pairs)
+    check_pairs(pairs[rank::world_size])
     return len(pairs)

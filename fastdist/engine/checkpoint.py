@@ -15,6 +15,7 @@ reference ``train_kd.py`` saves and its ``eval.py`` loads).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -30,7 +31,7 @@ from fastdist.models import to_reference_state_dict
 
 __all__ = ["BEST", "FORMAT", "LATEST", "CheckpointFormatError", "CheckpointWriteError", "atomic_save",
            "export_reference", "gather_rng_states", "load_training_state", "reference_export_name",
-           "rng_state", "set_rng_state"]
+           "remove_earlier_run", "rng_state", "set_rng_state"]
 
 FORMAT = "fastdist-train"
 VERSION = 1
@@ -175,6 +176,29 @@ def reference_export_name(student_model: str, student_backbone: str, distilled: 
     prefix = "kd_" if distilled else ""
     suffix = "_best_model" if best else ""
     return f"{prefix}{student_model}_{student_backbone}_citys{suffix}.pth"
+
+
+def remove_earlier_run(save_dir: str, log_dir: str) -> list[str]:
+    """Delete what an earlier run wrote (``--overwrite``); return the removed paths.
+
+    Its training checkpoints, its reference exports (named from its ``config.json``, so that no other
+    file that merely looks like an export is touched) and its ``train.log`` / ``metrics.jsonl``.
+    """
+    names = [LATEST, BEST]
+    try:
+        with open(os.path.join(save_dir, "config.json")) as f:
+            saved = json.load(f)
+        distilled = saved.get("teacher_model") is not None
+        names += [reference_export_name(saved["student_model"], saved["student_backbone"], distilled, best)
+                  for best in (True, False)]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no readable config.json: only the fixed names
+    paths = [os.path.join(save_dir, n) for n in names]
+    paths += [os.path.join(log_dir, n) for n in ("train.log", "metrics.jsonl")]
+    removed = [p for p in paths if os.path.isfile(p)]
+    for path in removed:
+        os.remove(path)
+    return removed
 
 
 def export_reference(student: nn.Module, path: str) -> None:

@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training checkpoint to continue from, or 'auto' (SAVE_DIR/latest.pth if present)")
     g.add_argument("--save-dir", default=None, help="checkpoints (default: runs/<kd|baseline>_<student>)")
     g.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a save dir that holds one (its checkpoints are replaced)")
+                   help="start a new run in a save dir that holds one (its checkpoints, exports and logs "
+                   "are deleted first)")
     g.add_argument("--log-dir", default=None, help="text and JSON-lines logs (default: the save dir)")
     g.add_argument("--log-iter", type=_positive_int, default=10)
     g.add_argument("--val-per-iters", type=_positive_int, default=400)
@@ -194,7 +195,7 @@ def _check_dataset(cfg: argparse.Namespace) -> None:
     splits = ["train"] + ([] if cfg.skip_val else ["val"])
     for split in splits:
         try:
-            check_dataset(cfg.data, split)
+            check_dataset(cfg.data, split, rank=int(os.environ.get("RANK", "0")), world_size=cfg.world_size)
         except DatasetError as err:
             raise ConfigError(f"dataset {cfg.data!r} ({split}): {err}. Point --data at a Cityscapes root "
                               "(leftImg8bit/ and gtFine/), or make a synthetic one with "
@@ -257,7 +258,8 @@ def resolve(cfg: argparse.Namespace) -> argparse.Namespace:
 
 
 def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse, resolve and validate the command line; raises `ConfigError` (cheap checks only)."""
+    """Parse, resolve and validate the command line; raises `ConfigError` (checks that take seconds at
+    most: names, files, the dataset's pairs and file headers, the batch split)."""
     cfg = build_parser().parse_args(argv)
     cfg.command = " ".join(["train.py", *(sys.argv[1:] if argv is None else argv)])
     if cfg.teacher_model in _NONE_STRINGS:
