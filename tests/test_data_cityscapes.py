@@ -216,7 +216,7 @@ def test_header_check_counts_offenders_of_each_kind(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as err:
         check_dataset(root, "train")
     msg = str(err.value)
-    assert "8 of 9 image/label pairs are unusable" in msg
+    assert "8 of the 9 image/label pairs checked are unusable" in msg
     assert "7 image/label pair(s) of different sizes" in msg and "(and 2 more)" in msg
     assert pairs[0].label in msg and pairs[6].label not in msg  # the first five, in pair order
     assert "1 label(s) not 8-bit" in msg and pairs[8].label in msg and pairs[7].label not in msg

@@ -242,7 +242,8 @@ def check_pairs(pairs: Sequence[Pair], threads: int = _HEADER_THREADS) -> None:
         for kind, what in problems:
             by_kind.setdefault(kind, []).append(what)
         found = "; ".join(_offenders(kind, keys) for kind, keys in by_kind.items())
-        raise DatasetError(f"{len(problems)} of {len(pairs)} image/label pairs are unusable: {found}")
+        checked = f"{len(problems)} of the {len(pairs)} image/label pairs checked"
+        raise DatasetError(f"{checked} are unusable: {found}")
 
 
 def check_dataset(root: str | os.PathLike, split: str, list_file: str | os.PathLike | None = None,
