@@ -151,7 +151,9 @@ def test_edge_cases(backend, case):
         check(backend, s, t, beta=2.0, gamma=2.0, tau=4.0)
 
 
-@pytest.mark.parametrize("shape,channels_last", [((12, 32768), False), ((1, 8192, 3, 4), True)])
+@pytest.mark.parametrize(
+    "shape,channels_last", [((12, 32768), False), ((1, 32768, 3, 4), True), ((1, 32768, 3, 4), False)]
+)
 def test_torch_backend_many_classes(shape, channels_last):
     """Thousands of classes (above the Triton limit, where ``auto`` uses this backend): the fp32 loss
     stays within 2e-6 of float64 (the fp32 reference formula's own error here is ~1e-6)."""

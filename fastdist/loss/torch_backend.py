@@ -36,6 +36,8 @@ from .stats import EPS, merge_stats
 # the per-piece launch overhead small on GPUs
 _PIECE_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 24}
 RowTerms = tuple[Tensor, Tensor, Tensor, Tensor]  # <a, b>, ||a||, ||b||, D per row
+# above this many classes an NCHW softmax is worth a transposed copy (accuracy of the class sums)
+_STRIDED_SOFTMAX_MAX_C = 1024
 
 
 def _as_bcl(x: Tensor) -> Tensor:
@@ -65,12 +67,13 @@ def _compute_dtype(student: Tensor, teacher: Tensor) -> torch.dtype:
 def _probs(x: Tensor, tau: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Softmax over dim 1 and its row-centred copy.
 
-    When the classes are contiguous in memory (2-D or channels-last input) the softmax runs over the
-    last dim of the (B, L, C) view: the same values, from PyTorch's last-dim kernel, which is faster
-    and, for thousands of classes, more accurate than its strided-dim one (that sums sequentially).
+    When the classes are contiguous in memory (2-D or channels-last input), or when there are more than
+    ``_STRIDED_SOFTMAX_MAX_C`` of them, the softmax runs over the last dim of the (B, L, C) view (a copy
+    for NCHW): the same values, from PyTorch's last-dim kernel, which is faster and, for thousands of
+    classes, more accurate than its strided-dim one (that sums them sequentially in fp32).
     """
     z = x.to(dtype) / tau
-    if z.stride(1) == 1:
+    if z.stride(1) == 1 or z.shape[1] > _STRIDED_SOFTMAX_MAX_C:
         p = torch.softmax(z.transpose(1, 2), dim=-1).transpose(1, 2)
     else:
         p = torch.softmax(z, dim=1)
