@@ -312,21 +312,3 @@ def fmt_bytes(n: float | None) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Create the results folder of this device and date, write ``env.json`` into it, print its path."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
-    parser.add_argument("--base", type=Path, default=None, help="parent folder (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    env = capture_env(resolve_device(args.device))
-    folder = results_folder(env, args.base)
-    write_json(folder / "env.json", env)
-    print(folder)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import json
 import os
 import platform
 import re
@@ -185,3 +186,21 @@ def results_folder(env: dict[str, Any], base: Path | None = None) -> Path:
     folder = (base or RESULTS_DIR) / f"{env['device_slug']}-{env['date']}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Create the results folder of this device and date, write ``env.json`` into it, print its path."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
+    parser.add_argument("--base", type=Path, default=None, help="parent folder (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    found = capture_env(resolve_device(args.device))
+    folder = results_folder(found, args.base)
+    (folder / "env.json").write_text(json.dumps(found, indent=2) + "\n")
+    print(folder)
+
+
+if __name__ == "__main__":
+    main()
