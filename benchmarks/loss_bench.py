@@ -24,8 +24,8 @@ Byte models (the same bytes for every provider; one tensor-size = the bytes of S
   min-io    (``bytes_min_io``, ``gbps_min_io``, ``bw_frac_peak_min_io``): the issue's definition, "read S
             and T, write dS" (fwd: read S and T). It differs only for fwd+bwd (3 tensor-sizes), where a
             two-pass algorithm can reach at most 3/5 = 60% of peak.
-The 70% bandwidth target is therefore checked on ``bwd`` (the backward kernel reads S and T and writes dS:
-the same bytes under both models); the fwd+bwd fractions under both models are reported as separate
+report.py therefore checks the 70% bandwidth target on ``bwd`` (the backward kernel reads S and T and
+writes dS: the same bytes under both models), and the fwd+bwd fractions under both models as separate
 target rows.
 
 Run order (compiling reference+compile costs seconds per case, far more than timing it): every case,
@@ -33,7 +33,7 @@ priority cases first, with the other providers and with reference+compile only o
 speed-up-vs-compile target; then reference+compile on the remaining cases while the time budget lasts.
 The budget is checked before every case and before every provider is built (i.e. before any compile).
 
-Writes ``loss.csv``, ``loss.json`` (with the environment and the target checks) and ``loss.png``.
+Writes ``loss.csv``, ``loss.json`` (with the environment) and ``loss.png``; report.py judges the targets.
 """
 
 from __future__ import annotations
@@ -102,37 +102,8 @@ class Item:
     reason: str | None = None
 
 
-@dataclass(frozen=True)
-class Target:
-    """One of the issue's loss targets, checked on the Triton provider's NCHW row of a case and mode."""
-
-    name: str
-    shape: str
-    dtype: str
-    mode: str
-    field: str
-    op: str  # ">=" | "<="
-    threshold: float
-
-
-_BWD_BYTES = "bwd bandwidth / peak (bytes: read S, T + write dS; the same under both models)"
-_TWO_PASS = "fwd+bwd bandwidth / peak (two-pass bytes: read S, T twice + write dS)"
-_MIN_IO = "fwd+bwd bandwidth / peak (issue's bytes: read S, T + write dS; two passes reach at most 60%)"
-_MEMORY = "fwd+bwd peak extra memory / reference's"
-_BOTH = ("bf16", "fp32")
-TARGETS = [
-    Target("fwd+bwd speed-up vs reference", "recipe-b8", "bf16", "fwd+bwd", "speedup_vs_reference",
-           ">=", 8.0),
-    Target("fwd+bwd speed-up vs reference+compile", "recipe-b8", "bf16", "fwd+bwd", "speedup_vs_compile",
-           ">=", 2.0),
-    *(Target(_BWD_BYTES, "fullres-b2", d, "bwd", "bw_frac_peak", ">=", 0.70) for d in _BOTH),
-    *(Target(_TWO_PASS, "fullres-b2", d, "fwd+bwd", "bw_frac_peak", ">=", 0.70) for d in _BOTH),
-    *(Target(_MIN_IO, "fullres-b2", d, "fwd+bwd", "bw_frac_peak_min_io", ">=", 0.70) for d in _BOTH),
-    *(Target(_MEMORY, shape, d, "fwd+bwd", "mem_frac_reference", "<=", 0.10)
-      for shape, d in (("fullres-b2", "bf16"), ("fullres-b2", "fp32"), ("recipe-b8", "bf16"))),
-]
-# The cases reference+compile runs on in the first pass: those of the speed-up-vs-compile target.
-COMPILE_FIRST = {(t.shape, t.dtype, "nchw") for t in TARGETS if t.field == "speedup_vs_compile"}
+# The cases reference+compile runs on in the first pass: that of report.py's speed-up-vs-compile target.
+COMPILE_FIRST = {("recipe-b8", "bf16", "nchw")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,39 +333,6 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Targets (issue: GPU targets of the fused loss)
-# --------------------------------------------------------------------------------------------------
-def _find(rows: list[dict[str, Any]], shape: str, dtype: str, mode: str,
-          provider: str) -> dict[str, Any] | None:
-    """The measured NCHW row of a case, or None."""
-    want = (shape, dtype, "nchw", mode, provider)
-    for r in rows:
-        if (r["shape_name"], r["dtype"], r["layout"], r["mode"], r["provider"]) == want:
-            return r if r.get("status") == "ok" else None
-    return None
-
-
-def evaluate_targets(rows: list[dict[str, Any]], is_cuda: bool) -> list[dict[str, Any]]:
-    """Check the issue's loss targets (:data:`TARGETS`) from measured rows only; a missing number is
-    "not measured"."""
-    out = []
-    for spec in TARGETS:
-        row = _find(rows, spec.shape, spec.dtype, spec.mode, "triton")
-        value = row.get(spec.field) if row else None
-        if not is_cuda:
-            status = "not applicable (CPU run)"
-        elif value is None:
-            status = common.NOT_MEASURED
-        else:
-            met = value >= spec.threshold if spec.op == ">=" else value <= spec.threshold
-            status = "pass" if met else "fail"
-        out.append({"target": spec.name, "case": f"{spec.shape} {spec.dtype} nchw {spec.mode}",
-                    "provider": "triton", "mode": spec.mode, "field": spec.field, "op": spec.op,
-                    "threshold": spec.threshold, "value": value, "status": status})
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
 # Plot
 # --------------------------------------------------------------------------------------------------
 def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> Path | None:
@@ -507,7 +445,6 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], args: argpars
                        "two-pass": "fwd: read S,T; bwd: read S,T + write dS; fwd+bwd: both (5 tensor-sizes)",
                        "min-io": "read S,T (+ write dS with a gradient); fwd+bwd: 3 tensor-sizes"},
                    "torch_threads": torch.get_num_threads(), "complete": final, "wall_s": wall_s},
-        "targets": evaluate_targets(rows, env["is_cuda"]),
         "results": rows,
     }
     common.write_csv(out_dir / "loss.csv", rows, CSV_FIELDS)
