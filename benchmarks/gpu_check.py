@@ -17,7 +17,8 @@ graph, then the larger batches), (5) the torch loader (DALI only where installed
 Results: ``benchmarks/results/<device>-<date>/`` (``env.json``, ``<part>.log``, the benchmarks' files,
 ``gpu_check.json`` with every part's outcome, ``gpu_check.log`` with the report). With ``$OUT`` (or
 ``--out``) set, after every part at most ``MAX_OUT_FILES`` files are copied there: ``results.tar.gz``
-(every file of the folder) and the most important single files.
+(every file of the folder; env.json, loss.csv, loss.png and the parts' logs are only there) and the
+most important single files (``OUT_FILES``).
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ PER_TEST_TIMEOUT_S = 30.0
 MAX_OUT_FILES = 8
 MAX_OUT_BYTES = 16 * 2**20
 PACK = "results.tar.gz"
-# Copied to $OUT beside the pack, in this order, while the file limit allows.
+# Copied to $OUT beside the pack (a fixed set of names, so that repeated copies never exceed the limit).
 OUT_FILES = ["gpu_check.log", "kernel.json", "pytest.xml", "loss.json", "train.json", "loader.json",
-             "env.json", "gpu_check.json"]
+             "gpu_check.json"][: MAX_OUT_FILES - 1]
 
 
 @dataclass(frozen=True)
@@ -188,15 +189,13 @@ def copy_out(folder: Path, out: Path | None, log: Log) -> None:
     with tarfile.open(pack, "w:gz") as tar:
         for f in sorted(p for p in folder.iterdir() if p.is_file()):
             tar.add(f, arcname=f"{folder.name}/{f.name}")
-    sent = 0
     for src, name in [(pack, PACK), *((folder / n, n) for n in OUT_FILES)]:
-        if sent == MAX_OUT_FILES or not src.is_file():
+        if not src.is_file():
             continue
         if src.stat().st_size > MAX_OUT_BYTES:
-            log.line(f"copy-out: {name} is over {MAX_OUT_BYTES >> 20} MiB; only in {PACK} if at all")
+            log.line(f"copy-out: {name} is over {MAX_OUT_BYTES >> 20} MiB; not copied (see {PACK})")
             continue
         shutil.copyfile(src, out / name)
-        sent += 1
 
 
 def results_folder(ctx_py: str, device: str, base: Path | None) -> Path | None:
