@@ -185,7 +185,7 @@ def copy_out(folder: Path, out: Path | None, log: Log) -> None:
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
-    pack = folder.parent / f"{folder.name}-{PACK}"
+    pack = Path(tempfile.gettempdir()) / f"gpu-check-{os.getpid()}-{PACK}"  # outside the results folder
     with tarfile.open(pack, "w:gz") as tar:
         for f in sorted(p for p in folder.iterdir() if p.is_file()):
             tar.add(f, arcname=f"{folder.name}/{f.name}")

@@ -3,7 +3,8 @@
 # GPU_CHECK_DRY_RUN=1 runs the same wiring on a CPU; GPU_CHECK_DEADLINE_S overrides the 540 s deadline.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+# $PYTHON overrides the interpreter (default: the checkout's .venv, else python3).
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET   # compiled kernels, never the interpreter
 exec "$PY" benchmarks/gpu_check.py "$@"

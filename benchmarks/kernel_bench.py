@@ -52,11 +52,16 @@ def launched(fn: Callable[[], Any], device: str) -> list[str]:
     cuda = device.startswith("cuda")
     fn()  # first-call work (tuning, JIT) stays out of the profile
     common.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         fn()
         common.synchronize(device)
-    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-    names = [e.name for e in prof.events() if e.device_type == kind and (cuda or e.cpu_parent is None)]
+    events = prof.events()
+    if not cuda:
+        return list(dict.fromkeys(e.name for e in events if e.cpu_parent is None))
+    # Device events, and the kernels the profiler attached to the ops that launched them.
+    names = [e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    names += [k.name for e in events for k in getattr(e, "kernels", [])]
     return list(dict.fromkeys(names))
 
 

@@ -209,7 +209,8 @@ def loss_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
                   provider="triton")
         value = row.get(spec.field) if row else None
         out.append({"target": spec.name, "case": f"{spec.shape} {spec.dtype} nchw {spec.mode}",
-                    "op": spec.op, "threshold": spec.threshold, "value": value,
+                    "mode": spec.mode, "field": spec.field, "op": spec.op, "threshold": spec.threshold,
+                    "value": value,
                     "status": judge(value, spec.op, spec.threshold, doc["env"].get("is_cuda", False))})
     return out
 
