@@ -13,9 +13,9 @@ Timing methodology
 * CUDA, warm L2 (the recipe's logits are in L2 in real training): ``do_bench`` of two calls back to back
   minus ``do_bench`` of one; the second call finds what the first left in L2 (the same flush precedes
   both blocks, so no provider gets a head start).
-* Per-call untimed setup (e.g. the forward before a timed backward): ``do_bench(setup; fn)`` minus
-  ``do_bench(setup)``, i.e. the marginal time of ``fn``; warm: ``(setup; fn; setup; fn)`` minus
-  ``(setup; fn; setup)``.
+* Per-call untimed setup (e.g. the forward before a timed backward): the marginal time of ``fn``,
+  ``do_bench(setup; flush; fn)`` minus ``do_bench(setup; flush)`` (the same Triton L2 flush between
+  them, so ``fn`` starts cold as well); warm: ``(setup; fn; setup; fn)`` minus ``(setup; fn; setup)``.
 * CUDA-graph replays: ``triton.testing.do_bench_cudagraph`` (no host overhead; warm L2).
 * Host time per call: wall clock of ``n`` asynchronous calls (no synchronisation in between) over ``n``.
 * CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (the same marginal-time rule for setup; the CPU
@@ -133,9 +133,20 @@ def time_fn(fn: Callable[..., Any], device: str, warmup_ms: float = 25, rep_ms: 
         state: dict[str, Any] = {}
         call = lambda: fn(state["arg"])  # noqa: E731 - a closure over the setup's latest result
         prefix = [lambda: state.__setitem__("arg", setup())]
-    if l2 == "warm" and device.startswith("cuda"):
+    cuda = device.startswith("cuda")
+    if cuda and l2 == "warm":  # the timed call follows the same work (and setup)
         prefix = [*prefix, call, *prefix]
+    elif cuda and prefix:  # cold: flushed again between the setup and the timed call
+        prefix = [*prefix, _l2_flush()]
     return _marginal(prefix, call, device, warmup_ms, rep_ms)
+
+
+def _l2_flush() -> Callable[[], None]:
+    """Triton's own L2 flush (the one do_bench runs before every timed call)."""
+    from triton.runtime import driver
+
+    cache = driver.active.get_empty_cache_for_benchmark()
+    return lambda: driver.active.clear_cache(cache)
 
 
 def time_graph(fn: Callable[[], Any], rep_ms: float = 100) -> Timing:

@@ -27,7 +27,7 @@ import gc
 import math
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,19 +161,19 @@ def case_name(case: loss_bench.Case) -> str:
 
 
 def case_rows(case: loss_bench.Case, device: str, args: argparse.Namespace,
-              budget: common.Budget) -> list[dict[str, Any]]:
-    """The sanity row and the three timed rows of one case (each skipped once the budget is spent)."""
+              budget: common.Budget) -> Iterator[dict[str, Any]]:
+    """The sanity row and the three timed rows of one case, one at a time (each skipped once the budget
+    is spent)."""
     s, t = loss_bench.make_inputs(case, device)
     size = math.prod(case.shape) * (4 if case.dtype == "fp32" else 2)
     backend = backend_of(device)
-    rows = [guarded(lambda: sanity_row(case, s, t, device), "sanity", case_name(case), budget)]
+    yield guarded(lambda: sanity_row(case, s, t, device), "sanity", case_name(case), budget)
     for part, fn in part_calls(s, t, backend).items():
         def measure(part: str = part, fn: Callable[[], Any] = fn) -> dict[str, Any]:
             return {"part": part, "case": case_name(case), "backend": backend, "status": "ok",
                     "launched": launched(fn, device), **timings(fn, device, TRAFFIC[part] * size, args)}
 
-        rows.append(guarded(measure, part, case_name(case), budget))
-    return rows
+        yield guarded(measure, part, case_name(case), budget)
 
 
 def guarded(measure: Callable[[], dict[str, Any]], part: str, case: str,
@@ -224,14 +224,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
 
-    def emit(new: list[dict[str, Any]]) -> None:
-        rows.extend(new)
+    def emit(row: dict[str, Any]) -> None:  # written after every row: a kill keeps what was measured
+        rows.append(row)
         write_results(rows, env, args, out_dir, time.perf_counter() - t_start, final=False)
 
-    emit([guarded(lambda: copy_row(device, args), "copy", "device buffer", budget)])
+    emit(guarded(lambda: copy_row(device, args), "copy", "device buffer", budget))
     for name, dtype, layout in QUICK_CASES if args.quick else CASES:
-        case = loss_bench.Case(name, loss_bench.SHAPES[name], dtype, layout)
-        emit(case_rows(case, device, args, budget))
+        for row in case_rows(loss_bench.Case(name, loss_bench.SHAPES[name], dtype, layout), device, args,
+                             budget):
+            emit(row)
         gc.collect()
     doc = write_results(rows, env, args, out_dir, time.perf_counter() - t_start, final=True)
     print(f"[kernel_bench] wrote {out_dir}/kernel.json in {doc['config']['wall_s']:.1f}s")

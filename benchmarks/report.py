@@ -301,6 +301,9 @@ def train_section(doc: dict[str, Any], path: Path) -> list[str]:
         "configuration adds one optimisation to the row above it (fused loss backend: "
         f"{cfg['fused_backend']}; every row with the engine's TF32 / cuDNN settings). low/high: first and "
         "fourth quintiles of the step times.", "",
+        *([f"Several GPUs: {cfg['multi_gpu']['strategy']} (torch's optimize_ddp = "
+           f"{cfg['multi_gpu']['optimize_ddp']}; {cfg['multi_gpu']['measured']}).", ""]
+          if isinstance(cfg.get("multi_gpu"), dict) else []),
         *table(header, body), "", *targets(train_targets(doc)), "",
     ]
 
