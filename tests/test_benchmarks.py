@@ -482,6 +482,23 @@ def test_time_fn_times_only_fn_after_an_untimed_setup() -> None:
         common.time_fn(lambda: None, "cpu", l2="hot")
 
 
+def test_gpu_timing_apis_exist() -> None:
+    """The CUDA-only calls common.py and train_bench.py make (not runnable here) exist with the arguments
+    they pass, in the installed torch and triton."""
+    import inspect
+
+    import torch
+    import triton.testing
+    from triton.backends.nvidia.driver import CudaDriver
+
+    assert {"warmup", "rep", "return_mode"} <= set(inspect.signature(triton.testing.do_bench).parameters)
+    assert {"rep", "return_mode"} <= set(inspect.signature(triton.testing.do_bench_cudagraph).parameters)
+    assert callable(CudaDriver.get_empty_cache_for_benchmark) and callable(CudaDriver.clear_cache)
+    assert callable(torch.cuda.CUDAGraph) and callable(torch.cuda.graph)
+    assert callable(torch.compiler.cudagraph_mark_step_begin)
+    assert hasattr(torch._dynamo.config, "optimize_ddp")
+
+
 def test_gpu_check_script_parses() -> None:
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
 
