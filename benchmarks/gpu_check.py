@@ -71,6 +71,7 @@ class Part:
     min_s: float
     argv: Callable[[Ctx, float], list[str]]
     env: tuple[tuple[str, str], ...] = ()
+    bench_on_path: bool = False  # benchmarks/ on PYTHONPATH (pytest loads its per-test timeout plugin)
 
 
 def _bench(script: str, margin_s: float, *extra: str) -> Callable[[Ctx, float], list[str]]:
@@ -102,7 +103,7 @@ PARTS = [
     Part("kernel", 100, 20, _bench("kernel_bench.py", 10)),
     # Every kernel config computes the same bits (tests/test_loss_determinism.py): the parity tests need
     # not tune 4 configs per new shape.
-    Part("pytest", 130, 20, _pytest, (("FASTDIST_AUTOTUNE", "0"),)),
+    Part("pytest", 130, 20, _pytest, (("FASTDIST_AUTOTUNE", "0"),), bench_on_path=True),
     Part("loss", 120, 20, _bench("loss_bench.py", 15, "--shapes", "recipe-b8", "fullres-b2", "recipe-b2",
                                  "--layouts", "nchw", "--warmup-ms", "10", "--rep-ms", "50")),
     # One compiling row may run past the benchmark's budget: a wider margin.
@@ -133,9 +134,10 @@ class Log:
         (self.folder / "gpu_check.json").write_text(json.dumps(self.doc, indent=2) + "\n")
 
 
-def child_env(extra: tuple[tuple[str, str], ...]) -> dict[str, str]:
+def child_env(extra: tuple[tuple[str, str], ...] = (), bench_on_path: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled kernels only
-    paths = [str(ROOT), str(BENCH), *filter(None, [os.environ.get("PYTHONPATH")])]
+    paths = [str(ROOT), *([str(BENCH)] if bench_on_path else [])]
+    paths += [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
     env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", **dict(extra))
     return env
 
@@ -169,10 +171,11 @@ def run_part(part: Part, ctx: Ctx, left_s: float, log: Log) -> bool:
     argv = part.argv(ctx, bound)
     log.line(f"== {part.name} (bound {bound:.0f}s): {' '.join(argv)}")
     t0 = time.monotonic()
-    rc, timed_out = run_bounded(argv, bound, ctx.folder / f"{part.name}.log", child_env(part.env))
+    log_path = ctx.folder / f"{part.name}.log"
+    rc, timed_out = run_bounded(argv, bound, log_path, child_env(part.env, part.bench_on_path))
     elapsed = time.monotonic() - t0
     status = "timed out (partial results kept)" if timed_out else "ok" if rc == 0 else f"failed (exit {rc})"
-    tail = (ctx.folder / f"{part.name}.log").read_text(errors="replace").splitlines()[-15:]
+    tail = log_path.read_text(errors="replace").splitlines()[-15:]
     log.line("\n".join(f"   | {t}" for t in tail))
     log.line(f"== {part.name}: {status} after {elapsed:.0f}s")
     log.outcome(name=part.name, status=status, rc=rc, limit_s=part.limit_s, bound_s=bound, elapsed_s=elapsed)
@@ -202,7 +205,7 @@ def results_folder(ctx_py: str, device: str, base: Path | None) -> Path | None:
     """Create the results folder with ``env.py`` (which checks the device); None when it could not."""
     argv = [ctx_py, str(BENCH / "env.py"), "--device", device, *(["--base", str(base)] if base else [])]
     try:
-        proc = subprocess.run(argv, cwd=ROOT, env=child_env(()), capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=60)
     except subprocess.TimeoutExpired:
         return None
     sys.stderr.write(proc.stderr)
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if left > 1:
         log.line(f"== report (python benchmarks/report.py --results {folder} --stdout)")
         rc, _ = run_bounded([sys.executable, str(BENCH / "report.py"), "--results", str(folder), "--stdout"],
-                            left - 1, log.path, child_env(()))
+                            left - 1, log.path, child_env())
         ok = ok and rc == 0
     else:
         log.line("== report: skipped (deadline reached)")
