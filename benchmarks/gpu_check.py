@@ -90,7 +90,7 @@ def _pytest(ctx: Ctx, _seconds: float) -> list[str]:
     # The dry run collects one small file (its cuda tests skip on a CPU): the wiring, not the suite.
     tests = ["tests/test_metrics.py"] if ctx.dry_run else ["tests", "--ignore=tests/aot"]
     return [ctx.py, "-m", "pytest", *tests, "-m", "cuda", "-q", "-p", "no:cacheprovider", "--tb=short",
-            "-p", "pytest_per_test_timeout", f"--per-test-timeout={PER_TEST_TIMEOUT_S:g}",
+            "-p", "no:timeout", "-p", "pytest_per_test_timeout", f"--per-test-timeout={PER_TEST_TIMEOUT_S:g}",
             f"--junitxml={ctx.folder / 'pytest.xml'}", "--continue-on-collection-errors"]
 
 

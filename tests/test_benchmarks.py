@@ -583,9 +583,34 @@ def test_per_test_timeout_fails_the_slow_test_and_goes_on(tmp_path: Path) -> Non
         "import time\n\ndef test_slow():\n    time.sleep(20)\n\ndef test_fast():\n    assert True\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider",
-                           "-p", "pytest_per_test_timeout", "--per-test-timeout=1", "-o", "timeout=0"],
+                           "-p", "pytest_per_test_timeout", "--per-test-timeout=1", "-p", "no:timeout"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert "1 failed, 1 passed" in proc.stdout and "over the per-test timeout of 1 s" in proc.stdout
+
+
+def test_sigterm_still_writes_the_junit_report(tmp_path: Path) -> None:
+    """A pytest part ended with SIGTERM (past its bound) still writes its summary and junit file."""
+    import signal
+    import time
+
+    (tmp_path / "test_probe.py").write_text(
+        "import time\n\ndef test_fast():\n    assert True\n\ndef test_slow():\n    time.sleep(30)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONUNBUFFERED": "1"}
+    xml = tmp_path / "pytest.xml"
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", str(tmp_path), "-v", "-p", "no:cacheprovider",
+                             "-p", "pytest_per_test_timeout", f"--junitxml={xml}", "-p", "no:timeout"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until the slow test runs
+        if "test_fast PASSED" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=30)[0]
+    assert "KeyboardInterrupt" in rest and "1 passed" in rest
+    assert 'name="test_fast"' in xml.read_text()
 
 
 def test_gpu_check_stops_without_results_folder(tmp_path: Path) -> None:
