@@ -167,6 +167,10 @@ def _obey_only(main_pid: int) -> None:
     os._exit(0)
 
 
+def _drop_signal(_signum: int, _frame: object) -> None:
+    """The worker's SIGINT/SIGTERM handler: nothing to do, the main process decides (``_obey_only``)."""
+
+
 def _worker_init(main_pid: int, _: int) -> None:
     """Leave SIGINT/SIGTERM to the main process ``main_pid`` (see the module docstring).
 
@@ -174,8 +178,13 @@ def _worker_init(main_pid: int, _: int) -> None:
     mask) and one thread takes them with ``sigwaitinfo``, which tells who sent them.  Plain SIG_IGN
     would not do: ``multiprocessing`` terminates daemonic workers at exit with SIGTERM and then waits
     for them, forever if they ignore it.  (torch itself limits each worker to one intra-op thread.)
+    Second line of defence: torch's worker handler turns a SIGTERM from anyone but the parent into
+    the default action (death), so the handlers are replaced by one that drops the signal, should
+    one ever reach a thread outside ``sigwaitinfo``.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    for stop_signal in _STOP_SIGNALS:
+        signal.signal(stop_signal, _drop_signal)
     threading.Thread(target=_obey_only, args=(main_pid,), daemon=True).start()
 
 
@@ -210,8 +219,22 @@ class TorchLoader(Loader):
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, valid, _ in self._loader:
+        for images, labels, valid, _ in self._start_batches():
             images = normalize(images.to(self.device, non_blocking=True), valid, self._mean)
             if labels is not None:
                 labels = labels.to(self.device, non_blocking=True)
             yield finish_batch(images, labels, self.channels_last, self.dtype)
+
+    def _start_batches(self) -> Iterator[Sample]:
+        """``iter(DataLoader)`` with SIGINT/SIGTERM blocked in this thread while it forks the workers.
+
+        torch starts threads in a worker before its init function runs, and a signal from elsewhere
+        delivered to one of those would kill the worker with the default action; forked with the
+        signals blocked, every thread of the worker inherits the block.  Signals sent to this process
+        meanwhile stay pending and arrive when the mask is restored.
+        """
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return iter(self._loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
