@@ -159,7 +159,7 @@ def test_full_disk_at_start_up_is_an_error_without_leftovers(data: Path, tmp_pat
     monkeypatch.setattr(os, "write", _disk_full)  # every write in this process: the disk is full
     assert train.main(_base(data, save)) == 2
     assert f"--save-dir {save} is not writable: No space left on device" in capsys.readouterr().err
-    assert list(save.iterdir()) == []  # no 0-byte probe or config.json.tmp.<pid>
+    assert not save.exists()  # no 0-byte probe, no config.json.tmp.<pid>, not even the folder
 
 
 def test_save_config_on_a_full_disk_leaves_no_temporary_file(data: Path, tmp_path: Path,

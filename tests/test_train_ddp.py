@@ -146,7 +146,7 @@ def test_kd_run_logs_checkpoints_and_validation(straight_run: Path) -> None:
     assert [r["iteration"] for r in val] == [2, 4]
     assert all(0 <= r["mIoU"] <= 1 and len(r["IoU"]) == 19 for r in val)
     stdout = (straight_run / "stdout.txt").read_text()
-    assert "it 4/4 | lr" in stdout and "img/s" in stdout and "validation at it 4: mIoU" in stdout
+    assert "it 4/4 | lr" in stdout and "img/s" in stdout and "validation at it 4 (fp32): mIoU" in stdout
 
     config = json.loads((straight_run / "config.json").read_text())
     assert config["world_size"] == 2 and config["batch_per_rank"] == 2 and config["lr"] == 0.02

@@ -14,6 +14,7 @@ batch split) before any heavy start-up and raises `ConfigError` with a message t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -352,10 +353,16 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def check_writable_dir(directory: str, flag: str) -> None:
-    """Create ``directory`` and write (and fsync) a probe file in it, so that a path that is a file, a
-    folder without write permission or a full disk is a `ConfigError` naming ``flag`` at start-up."""
+    """Write (and fsync) a probe file in ``directory`` (creating it for the check only), so that a path
+    that is a file, a folder without write permission or a full disk is a `ConfigError` naming ``flag``
+    at start-up rather than a traceback at the first checkpoint or output file."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ConfigError(f"{flag} {directory} exists and is not a folder; pick another {flag}")
+    created = []  # the folders this check makes, deepest first: removed again, the check leaves nothing
+    path = os.path.abspath(directory)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
     probe = os.path.join(directory, f".fastdist-write-probe.tmp.{os.getpid()}")
     try:
         os.makedirs(directory, exist_ok=True)
@@ -364,6 +371,10 @@ def check_writable_dir(directory: str, flag: str) -> None:
     except OSError as err:
         raise ConfigError(f"{flag} {directory} is not writable: {err.strerror or err} "
                           "(check its permissions and free space, or pick another folder)") from None
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 def _write_file(path: str, data: bytes) -> None:
