@@ -355,9 +355,12 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def check_writable_dir(directory: str, flag: str) -> None:
     """Write (and fsync) a probe file in ``directory`` (creating it for the check only), so that a path
     that is a file, a folder without write permission or a full disk is a `ConfigError` naming ``flag``
-    at start-up rather than a traceback at the first checkpoint or output file."""
+    at start-up rather than a traceback at the first checkpoint or output file. Under torchrun only
+    rank 0 writes the probe."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ConfigError(f"{flag} {directory} exists and is not a folder; pick another {flag}")
+    if os.environ.get("RANK", "0") != "0":
+        return  # one probe per job: another rank's rmdir below could pull the folder from under this one
     created = []  # the folders this check makes, deepest first: removed again, the check leaves nothing
     path = os.path.abspath(directory)
     while not os.path.exists(path):
@@ -467,7 +470,8 @@ def _input_changes(saved: dict[str, Any], cfg: argparse.Namespace) -> list[str]:
         notes.append(f"--teacher-pretrained {cfg.teacher_pretrained} holds other weights than when the run "
                      f"started (sha256 {saved['teacher_sha256'][:12]} -> {cfg.teacher_sha256[:12]}); the "
                      "distillation target differs from the run so far")
-    saved_root = saved.get("data_root", saved.get("data"))
+    # checkpoints from before data_root was saved: their --data, relative to today's working directory
+    saved_root = saved.get("data_root") or os.path.realpath(saved.get("data", ""))
     if saved_root != cfg.data_root:
         notes.append(f"--data changed: {saved_root!r} -> {cfg.data_root!r}; training continues on other data")
     return notes
