@@ -22,7 +22,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -63,53 +63,40 @@ def _optional_path(value: str) -> str | None:
     return None if value in _NONE_STRINGS else value
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+def _number(value: str, convert: Callable[[str], float], ok: Callable[[float], bool], expected: str) -> float:
+    """``convert(value)`` if ``ok`` accepts it, else an `argparse.ArgumentTypeError` (argparse prefixes
+    the option's name and exits 2)."""
+    try:
+        number = convert(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if not ok(number):  # nan fails every comparison, so it never passes
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return number
+
+
+def _positive_int(value: str) -> int:
+    return _number(value, int, lambda n: n >= 1, "a positive integer")
 
 
 def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return number
-
-
-def _finite(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {value}")
-    return number
+    return _number(value, int, lambda n: n >= 0, "an integer >= 0")
 
 
 def finite_positive(value: str) -> float:
     """argparse type: a finite number > 0 (rejects nan, inf, 0 and negatives)."""
-    number = _finite(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value}")
-    return number
+    return _number(value, float, lambda x: 0 < x < math.inf, "a finite number > 0")
 
 
 def finite_nonneg(value: str) -> float:
     """argparse type: a finite number >= 0 (rejects nan, inf and negatives)."""
-    number = _finite(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
+    return _number(value, float, lambda x: 0 <= x < math.inf, "a finite number >= 0")
 
 
 def finite_scale(value: str) -> float:
-    """argparse type of ``--scales`` (eval.py, predict.py): a finite number in `SCALE_RANGE`."""
-    number = _finite(value)
+    """argparse type of ``--scales`` (eval.py, predict.py): a number in `SCALE_RANGE`."""
     low, high = SCALE_RANGE
-    if not low <= number <= high:
-        raise argparse.ArgumentTypeError(f"expected a scale between {low} and {high}, got {value}")
-    return number
+    return _number(value, float, lambda x: low <= x <= high, f"a scale between {low} and {high}")
 
 
 def build_parser() -> argparse.ArgumentParser:
