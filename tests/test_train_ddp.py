@@ -236,6 +236,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Pat
     proc = _run([sys.executable, str(Path(__file__)), str(tmp_path), "--"] + args, PROBE_NAN_AT="3")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "non-finite loss at iteration 3" in proc.stdout
+    assert "--resume auto with --amp off" in proc.stdout and "Lower --lr" not in proc.stdout
     state = _load(tmp_path / "latest.pth")
     assert state["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
