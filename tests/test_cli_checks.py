@@ -211,14 +211,19 @@ def test_resume_warns_about_other_teacher_weights_or_data(data: Path, tmp_path: 
 
     torch.save(to_reference_state_dict(build_model("psp_mobile", "mobilenetv2")), weights)  # new weights
     notes = check_resume_compatible(saved, parse_config(argv))
-    assert len(notes) == 1 and "holds other weights" in notes[0] and "sha256" in notes[0]
-
-    other = tmp_path / "other.pth"
-    other.write_bytes(weights.read_bytes())
-    cfg = parse_config([a if a != str(weights) else str(other) for a in argv])
-    assert any("--teacher-pretrained changed" in n for n in check_resume_compatible(saved, cfg))
+    assert len(notes) == 1 and f"{weights} holds other weights than when the run started (sha256" in notes[0]
 
     saved = config_dict(parse_config(argv))  # the current weights
+    other = tmp_path / "other.pth"
+    other.write_bytes(weights.read_bytes())  # a copy: the same teacher
+    other_argv = [a if a != str(weights) else str(other) for a in argv]
+    assert check_resume_compatible(saved, parse_config(other_argv)) == []
+    torch.save(to_reference_state_dict(build_model("psp_mobile", "mobilenetv2")), other)
+    (note,) = check_resume_compatible(saved, parse_config(other_argv))
+    assert f"--teacher-pretrained changed: {str(weights)!r} -> {str(other)!r} (sha256" in note
+    random_teacher = parse_config(_kd(data, tmp_path / "run"))  # 'none': a random teacher
+    assert any("--teacher-pretrained changed" in n for n in check_resume_compatible(saved, random_teacher))
+
     os.symlink(data, tmp_path / "data_link")  # the same root through a link is the same data
     assert check_resume_compatible(saved, parse_config([*argv, "--data", str(tmp_path / "data_link")])) == []
     moved = tmp_path / "data_copy"

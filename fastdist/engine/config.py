@@ -450,13 +450,15 @@ def check_resume_compatible(saved: dict[str, Any], cfg: argparse.Namespace) -> l
 def _input_changes(saved: dict[str, Any], cfg: argparse.Namespace) -> list[str]:
     """Inputs outside the recipe keys that still change the run: the teacher weights and the dataset."""
     notes = []
-    if saved.get("teacher_pretrained") != cfg.teacher_pretrained:
-        notes.append(f"--teacher-pretrained changed: {saved.get('teacher_pretrained')!r} -> "
-                     f"{cfg.teacher_pretrained!r}; the distillation target differs from the run so far")
-    elif saved.get("teacher_sha256") and cfg.teacher_sha256 and saved["teacher_sha256"] != cfg.teacher_sha256:
-        notes.append(f"--teacher-pretrained {cfg.teacher_pretrained} holds other weights than when the run "
-                     f"started (sha256 {saved['teacher_sha256'][:12]} -> {cfg.teacher_sha256[:12]}); the "
-                     "distillation target differs from the run so far")
+    old_path, new_path = saved.get("teacher_pretrained"), cfg.teacher_pretrained
+    old_sha, new_sha = saved.get("teacher_sha256"), cfg.teacher_sha256
+    # the contents decide where both are known (a moved copy is the same teacher), else the path
+    if (old_sha != new_sha) if old_sha and new_sha else (old_path != new_path):
+        what = (f"{old_path!r} -> {new_path!r}" if old_path != new_path
+                else f"{new_path} holds other weights than when the run started")
+        digest = f" (sha256 {old_sha[:12]} -> {new_sha[:12]})" if old_sha and new_sha else ""
+        notes.append(f"--teacher-pretrained changed: {what}{digest}; the distillation target differs from "
+                     "the run so far")
     # checkpoints from before data_root was saved: their --data, relative to today's working directory
     saved_root = saved.get("data_root") or os.path.realpath(saved.get("data", ""))
     if saved_root != cfg.data_root:
