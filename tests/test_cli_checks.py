@@ -269,6 +269,7 @@ def test_tiny_run_logs_precision_warning_and_removes_stale_files(data: Path, tmp
     assert train.main(argv) == 0
     log = (save / "train.log").read_text()
     assert "amp bf16 (validation fp32)" in log and "validation at it 1 (fp32): mIoU" in log
+    assert "done at iteration 1: best mIoU (fp32) " in log
     assert "WARNING: --kd-temperature 2.0: the reference segmentation recipe" in log
     assert f"removed temporary files of an interrupted write: latest.pth.tmp.{dead}" in log
     assert not (save / f"latest.pth.tmp.{dead}").exists()

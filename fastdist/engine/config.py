@@ -441,7 +441,7 @@ def check_resume_compatible(saved: dict[str, Any], cfg: argparse.Namespace) -> l
     if saved.get("world_size") != cfg.world_size:
         notes.append(f"world size changed ({saved.get('world_size')} -> {cfg.world_size}): the global "
                      "batch is the same but data order and random streams differ from an uninterrupted run")
-    for key in ("amp", "optimizer", "compile", "channels_last", "loader", "kd_backend"):
+    for key in ("amp", "val_amp", "optimizer", "compile", "channels_last", "loader", "kd_backend"):
         if key in saved and saved[key] != getattr(cfg, key):
             notes.append(f"{key} changed: {saved[key]!r} -> {getattr(cfg, key)!r}")
     return notes

@@ -361,7 +361,8 @@ class Trainer:
         if it == self.cfg.max_iterations:
             self._export(best=False)
         best = "n/a" if self.best_miou is None else f"{100 * self.best_miou:.2f} (it {self.best_iteration})"
-        self.log.info(f"done at iteration {it}: best mIoU {best}; checkpoints in {self.cfg.save_dir}")
+        self.log.info(f"done at iteration {it}: best mIoU ({validation_precision(self.cfg)}) {best}; "
+                      f"checkpoints in {self.cfg.save_dir}")
         self.log.record("event", event="finished" if it == self.cfg.max_iterations else "stopped",
                         iteration=it, best_mIoU=self.best_miou, best_iteration=self.best_iteration)
 
