@@ -17,6 +17,7 @@ import time
 
 from fastdist.data import DALI_HINT, dali_available
 from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES, DatasetError, check_dataset, list_pairs
+from fastdist.engine.config import ConfigError, check_writable_dir
 from fastdist.engine.distributed import (
     DistributedSetupError,
     cleanup_distributed,
@@ -52,9 +53,9 @@ def _validate(args: argparse.Namespace) -> None:
     """Cheap checks of everything the user named, before any heavy start-up."""
     if args.batch_size < 1:
         raise InferenceSetupError("--batch-size must be >= 1")
-    if any(s <= 0 for s in args.scales):
-        raise InferenceSetupError(f"--scales must be positive, got {args.scales}")
     amp_dtype_from_name(args.amp)
+    if args.save_dir:  # before the evaluation, not after it
+        check_writable_dir(args.save_dir, "--save-dir")
     if args.loader == "dali" and not dali_available():
         raise InferenceSetupError(f"--loader dali: {DALI_HINT}")
     check_dataset(args.data, args.split)
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (DatasetError, InferenceSetupError, DistributedSetupError) as exc:
+    except (ConfigError, DatasetError, InferenceSetupError, DistributedSetupError) as exc:
         print(f"eval.py: error: {exc}", file=sys.stderr)
         cleanup_distributed()
         return 2

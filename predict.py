@@ -17,11 +17,11 @@ Labels are not needed (the test split has none).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from fastdist.data.cityscapes import NUM_CLASSES, DatasetError, list_pairs
+from fastdist.engine.config import ConfigError, check_writable_dir
 from fastdist.engine.distributed import (
     DistributedSetupError,
     barrier,
@@ -52,11 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, load, predict this rank's shard; returns the number of images this rank wrote."""
-    if any(s <= 0 for s in args.scales):
-        raise InferenceSetupError(f"--scales must be positive, got {args.scales}")
     amp_dtype = amp_dtype_from_name(args.amp)
-    if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
-        raise InferenceSetupError(f"--save-dir {args.save_dir} exists and is not a folder")
+    check_writable_dir(args.save_dir, "--save-dir")  # a file, no permission, a full disk: before the model
     pairs = list_pairs(args.data, args.split)
     model = build_inference_model(args.model, args.backbone, args.pretrained, NUM_CLASSES)
     env = setup_distributed(args.device)
@@ -80,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (DatasetError, InferenceSetupError, DistributedSetupError) as exc:
+    except (ConfigError, DatasetError, InferenceSetupError, DistributedSetupError) as exc:
         print(f"predict.py: error: {exc}", file=sys.stderr)
         cleanup_distributed()
         return 2

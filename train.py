@@ -22,7 +22,15 @@ import torch
 
 from fastdist.data import build_loader
 from fastdist.engine import checkpoint as ckpt
-from fastdist.engine.config import ConfigError, check_resume_compatible, parse_config, save_config
+from fastdist.engine.config import (
+    ConfigError,
+    check_resume_compatible,
+    parse_config,
+    recipe_warnings,
+    remove_stale_temp_files,
+    save_config,
+    validation_precision,
+)
 from fastdist.engine.distributed import DistEnv, barrier, cleanup_distributed, exit_process, setup_distributed
 from fastdist.engine.kd import (
     DistillationLoss,
@@ -65,16 +73,26 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
     configure_backends(env.device)
     seed_everything(cfg.seed + env.rank)  # dropout streams differ per rank (restored on resume)
     start = resume["iteration"] if resume else 0
-    removed = []
+    removed, stale = [], []
     if env.is_main:
+        # temporary files of a killed write (kill -9 during a checkpoint or config.json)
+        stale = remove_stale_temp_files(cfg.save_dir)
+        if cfg.log_dir != cfg.save_dir:
+            stale += remove_stale_temp_files(cfg.log_dir)
         if cfg.overwrite and resume is None:
             removed = ckpt.remove_earlier_run(cfg.save_dir, cfg.log_dir)
         save_config(cfg, cfg.save_dir)
     log = RunLogger(cfg.log_dir, env.is_main, progress_total=cfg.stop_at or cfg.max_iterations,
                     progress_start=start)
-    log.info(f"fastdist train: {cfg.command}\n  device {env.device} x {env.world_size}, amp {cfg.amp}, "
+    log.info(f"fastdist train: {cfg.command}\n  device {env.device} x {env.world_size}, amp {cfg.amp} "
+             f"(validation {validation_precision(cfg)}), "
              f"channels_last {cfg.channels_last}, compile {cfg.compile}, loader {cfg.loader}, "
              f"kd backend {cfg.kd_backend}, optimizer {cfg.optimizer}")
+    if stale:
+        log.info("removed temporary files of an interrupted write: "
+                 + ", ".join(map(os.path.basename, stale)))
+    for warning in recipe_warnings(cfg):
+        log.warning(warning)
     if removed:
         log.info(f"--overwrite: removed the earlier run's {', '.join(map(os.path.basename, removed))}")
     for note in getattr(cfg, "resume_notes", []):
@@ -133,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = setup_distributed(cfg.device)
     try:
         return run(cfg, env, student, teacher, resume)
+    except ConfigError as err:  # config.json could not be written (disk full since the start-up check)
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
     finally:
         cleanup_distributed()
 

@@ -146,7 +146,7 @@ def test_kd_run_logs_checkpoints_and_validation(straight_run: Path) -> None:
     assert [r["iteration"] for r in val] == [2, 4]
     assert all(0 <= r["mIoU"] <= 1 and len(r["IoU"]) == 19 for r in val)
     stdout = (straight_run / "stdout.txt").read_text()
-    assert "it 4/4 | lr" in stdout and "img/s" in stdout and "validation at it 4: mIoU" in stdout
+    assert "it 4/4 | lr" in stdout and "img/s" in stdout and "validation at it 4 (fp32): mIoU" in stdout
 
     config = json.loads((straight_run / "config.json").read_text())
     assert config["world_size"] == 2 and config["batch_per_rank"] == 2 and config["lr"] == 0.02
@@ -236,6 +236,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data: Pat
     proc = _run([sys.executable, str(Path(__file__)), str(tmp_path), "--"] + args, PROBE_NAN_AT="3")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "non-finite loss at iteration 3" in proc.stdout
+    assert "--resume auto with --amp off" in proc.stdout and "Lower --lr" not in proc.stdout
     state = _load(tmp_path / "latest.pth")
     assert state["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())

@@ -14,19 +14,25 @@ batch split) before any heavy start-up and raises `ConfigError` with a message t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import importlib.util
 import json
+import math
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from fastdist.data import DALI_HINT, dali_available, default_backend
 
-__all__ = ["ConfigError", "RECIPE_KEYS", "build_parser", "check_resume_compatible", "config_dict",
-           "parse_config", "resolve", "save_config"]
+__all__ = ["ConfigError", "NON_FINITE_HINT", "RECIPE_KEYS", "build_parser", "check_resume_compatible",
+           "check_writable_dir", "config_dict", "finite_nonneg", "finite_positive", "finite_scale",
+           "parse_config", "recipe_warnings", "remove_stale_temp_files", "resolve", "save_config",
+           "validation_precision"]
 
 # Flags that define the training problem: a checkpoint resumes only under the same values
 # (everything else -- speed flags, paths, intervals -- may change between the two runs).
@@ -38,6 +44,15 @@ RECIPE_KEYS: tuple[str, ...] = (
 
 _NONE_STRINGS = ("", "none", "None")
 
+# What to do after a non-finite loss. --lr is part of the recipe, so --resume refuses a changed one.
+NON_FINITE_HINT = ("Try --resume auto with --amp off (a speed flag, allowed on resume); a lower --lr changes "
+                   "the recipe, which --resume refuses: start a new run for it (another --save-dir, or "
+                   "--overwrite)")
+
+# Test-time scales: below 0.1 a 1024x2048 image shrinks under the models' output stride; above 8 it
+# is far beyond any memory. Anything outside is a typo, not a recipe.
+SCALE_RANGE = (0.1, 8.0)
+
 
 class ConfigError(ValueError):
     """A command line that cannot run; the message says what to change."""
@@ -48,18 +63,40 @@ def _optional_path(value: str) -> str | None:
     return None if value in _NONE_STRINGS else value
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+def _number(value: str, convert: Callable[[str], float], ok: Callable[[float], bool], expected: str) -> float:
+    """``convert(value)`` if ``ok`` accepts it, else an `argparse.ArgumentTypeError` (argparse prefixes
+    the option's name and exits 2)."""
+    try:
+        number = convert(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if not ok(number):  # nan fails every comparison, so it never passes
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return number
+
+
+def _positive_int(value: str) -> int:
+    return _number(value, int, lambda n: n >= 1, "a positive integer")
 
 
 def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return number
+    return _number(value, int, lambda n: n >= 0, "an integer >= 0")
+
+
+def finite_positive(value: str) -> float:
+    """argparse type: a finite number > 0 (rejects nan, inf, 0 and negatives)."""
+    return _number(value, float, lambda x: 0 < x < math.inf, "a finite number > 0")
+
+
+def finite_nonneg(value: str) -> float:
+    """argparse type: a finite number >= 0 (rejects nan, inf and negatives)."""
+    return _number(value, float, lambda x: 0 <= x < math.inf, "a finite number >= 0")
+
+
+def finite_scale(value: str) -> float:
+    """argparse type of ``--scales`` (eval.py, predict.py): a number in `SCALE_RANGE`."""
+    low, high = SCALE_RANGE
+    return _number(value, float, lambda x: low <= x <= high, f"a scale between {low} and {high}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,18 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=_positive_int, default=16, help="global batch, split over ranks")
     g.add_argument("--max-iterations", type=_positive_int, default=40000)
-    g.add_argument("--lr", type=float, default=0.02)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--lr", type=finite_positive, default=0.02)
+    g.add_argument("--momentum", type=finite_nonneg, default=0.9)
+    g.add_argument("--weight-decay", type=finite_nonneg, default=5e-4)
     g.add_argument("--optimizer", choices=("sgd", "apex"), default="sgd",
                    help="sgd: torch SGD (fused on CUDA/CPU); apex: NVIDIA apex FusedSGD")
     g.add_argument("--seed", type=int, default=0, help="model init, dropout and data order")
 
     g = p.add_argument_group("distillation")
-    g.add_argument("--lambda-kd", type=float, default=1.0)
-    g.add_argument("--kd-temperature", type=float, default=1.0)
-    g.add_argument("--kd-beta", type=float, default=1.0, help="DIST inter-class (row) weight")
-    g.add_argument("--kd-gamma", type=float, default=1.0, help="DIST intra-class (column) weight")
+    g.add_argument("--lambda-kd", type=finite_nonneg, default=1.0)
+    g.add_argument("--kd-temperature", type=finite_positive, default=1.0)
+    g.add_argument("--kd-beta", type=finite_nonneg, default=1.0, help="DIST inter-class (row) weight")
+    g.add_argument("--kd-gamma", type=finite_nonneg, default=1.0, help="DIST intra-class (column) weight")
     g.add_argument("--kd-backend", choices=("auto", "triton", "torch", "reference"), default="auto")
     g.add_argument("--kd-mask", choices=("none", "pad", "ignore"), default="none",
                    help="pixels left out of the DIST loss: crop padding, or every ignore-label pixel")
@@ -137,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-per-iters", type=_positive_int, default=400)
     g.add_argument("--save-per-iters", type=_positive_int, default=400)
     g.add_argument("--skip-val", action="store_true")
+    g.add_argument("--val-amp", action="store_true",
+                   help="validate under the training autocast (--amp); default fp32, the reference metric "
+                   "that picks best.pth")
     g.add_argument("--stop-at", type=_positive_int, default=None,
                    help="save and stop after this iteration, keeping the --max-iterations schedule "
                    "(for time-limited jobs; continue with --resume)")
@@ -177,6 +217,8 @@ def _check_files(cfg: argparse.Namespace) -> None:
         path = getattr(cfg, flag)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: file not found")
+    # resume compares it: the same file name may hold other weights by then
+    cfg.teacher_sha256 = _sha256(cfg.teacher_pretrained) if cfg.teacher_pretrained else None
     teacher_weights = cfg.teacher_pretrained or cfg.teacher_pretrained_base or cfg.random_teacher
     if cfg.teacher_model is None and teacher_weights:
         raise ConfigError("--teacher-pretrained / --teacher-pretrained-base given with --teacher-model none "
@@ -186,6 +228,14 @@ def _check_files(cfg: argparse.Namespace) -> None:
         raise ConfigError(
             "distilling needs the teacher's weights: pass --teacher-pretrained PATH (train a teacher with "
             "--teacher-model none), or --teacher-pretrained none for a random teacher (benchmarks only)")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _check_dataset(cfg: argparse.Namespace) -> None:
@@ -211,19 +261,24 @@ def _check_numbers(cfg: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size {cfg.batch_size} gives 1 image per rank: the BatchNorm after the "
                           "models' global pooling needs at least 2 (SyncBatchNorm over several GPUs "
                           f"excepted); use --batch-size {2 * cfg.world_size} or more")
-    for flag in ("momentum", "weight_decay", "lambda_kd", "kd_beta", "kd_gamma"):
-        if not getattr(cfg, flag) >= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(cfg, flag)}")
     if cfg.stop_at is not None and cfg.stop_at > cfg.max_iterations:
         raise ConfigError(f"--stop-at {cfg.stop_at} is beyond --max-iterations {cfg.max_iterations}")
-    if cfg.lr <= 0 or cfg.kd_temperature <= 0:
-        raise ConfigError("--lr and --kd-temperature must be positive")
+    if cfg.kd_backend == "triton" and cfg.teacher_model is not None:
+        _check_triton(cfg.device_type)
     if cfg.loader == "dali" and not dali_available():
         raise ConfigError(f"--loader dali: {DALI_HINT}")
     if cfg.optimizer == "apex" and (cfg.device_type != "cuda" or importlib.util.find_spec("apex") is None):
         raise ConfigError("--optimizer apex needs a GPU and NVIDIA apex with its CUDA extensions "
                           "(https://github.com/NVIDIA/apex#installation); --optimizer sgd uses torch's fused "
                           "SGD, the same update rule")
+
+
+def _check_triton(device_type: str) -> None:
+    if importlib.util.find_spec("triton") is None:
+        raise ConfigError("--kd-backend triton: triton is not installed; use --kd-backend auto or torch")
+    if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("--kd-backend triton needs a CUDA device (or the Triton interpreter, "
+                          "TRITON_INTERPRET=1, for tests); use --kd-backend auto or torch on CPU")
 
 
 def resolve(cfg: argparse.Namespace) -> argparse.Namespace:
@@ -253,6 +308,7 @@ def resolve(cfg: argparse.Namespace) -> argparse.Namespace:
         latest = os.path.join(cfg.save_dir, "latest.pth")
         cfg.resume = latest if os.path.isfile(latest) else None
     cfg.crop_size = list(cfg.crop_size)
+    cfg.data_root = os.path.realpath(cfg.data)  # what resume compares: --data may be relative
     cfg.torch_version = str(torch.__version__)
     return cfg
 
@@ -277,8 +333,87 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ConfigError(f"--resume {cfg.resume}: file not found (use --resume auto to continue only when "
                           "SAVE_DIR/latest.pth exists)")
     _check_save_dir(cfg)
+    for flag, directory in (("--save-dir", cfg.save_dir), ("--log-dir", cfg.log_dir)):
+        check_writable_dir(directory, flag)
     _check_dataset(cfg)
     return cfg
+
+
+def check_writable_dir(directory: str, flag: str) -> None:
+    """Write (and fsync) a probe file in ``directory`` (creating it for the check only), so that a path
+    that is a file, a folder without write permission or a full disk is a `ConfigError` naming ``flag``
+    at start-up rather than a traceback at the first checkpoint or output file. Under torchrun only
+    rank 0 writes the probe."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConfigError(f"{flag} {directory} exists and is not a folder; pick another {flag}")
+    if os.environ.get("RANK", "0") != "0":
+        return  # one probe per job: another rank's rmdir below could pull the folder from under this one
+    created = []  # the folders this check makes, deepest first: removed again, the check leaves nothing
+    path = os.path.abspath(directory)
+    while not os.path.exists(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    probe = os.path.join(directory, f".fastdist-write-probe.tmp.{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        _write_file(probe, b"\0" * 4096)  # a block, so that a full disk fails here and not at a checkpoint
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f"{flag} {directory} is not writable: {err.strerror or err} "
+                          "(check its permissions and free space, or pick another folder)") from None
+    finally:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it; on any error the partial file is removed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.remove(path)
+        raise
+    os.close(fd)
+
+
+_TEMP_NAME = re.compile(r"\.tmp\.(\d+)$")  # what atomic writes (checkpoints, config.json) leave behind
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a reused pid: this process has written nothing yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_stale_temp_files(directory: str) -> list[str]:
+    """Delete ``*.tmp.<pid>`` files of killed writers (their pid is gone) in ``directory``; return them."""
+    removed = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMP_NAME.search(name)
+        path = os.path.join(directory, name)
+        if match and os.path.isfile(path) and not _pid_alive(int(match.group(1))):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
 
 
 def _check_save_dir(cfg: argparse.Namespace) -> None:
@@ -302,14 +437,50 @@ def check_resume_compatible(saved: dict[str, Any], cfg: argparse.Namespace) -> l
         raise ConfigError(f"--resume {cfg.resume} was trained with a different recipe:\n  {listing}\n"
                           "Re-run with the checkpoint's values (its config.json lists them) or start a new "
                           "run without --resume.")
-    notes = []
+    notes = _input_changes(saved, cfg)
     if saved.get("world_size") != cfg.world_size:
         notes.append(f"world size changed ({saved.get('world_size')} -> {cfg.world_size}): the global "
                      "batch is the same but data order and random streams differ from an uninterrupted run")
-    for key in ("amp", "optimizer", "compile", "channels_last", "loader", "kd_backend"):
+    for key in ("amp", "val_amp", "optimizer", "compile", "channels_last", "loader", "kd_backend"):
         if key in saved and saved[key] != getattr(cfg, key):
             notes.append(f"{key} changed: {saved[key]!r} -> {getattr(cfg, key)!r}")
     return notes
+
+
+def _input_changes(saved: dict[str, Any], cfg: argparse.Namespace) -> list[str]:
+    """Inputs outside the recipe keys that still change the run: the teacher weights and the dataset."""
+    notes = []
+    old_path, new_path = saved.get("teacher_pretrained"), cfg.teacher_pretrained
+    old_sha, new_sha = saved.get("teacher_sha256"), cfg.teacher_sha256
+    # the contents decide where both are known (a moved copy is the same teacher), else the path
+    if (old_sha != new_sha) if old_sha and new_sha else (old_path != new_path):
+        what = (f"{old_path!r} -> {new_path!r}" if old_path != new_path
+                else f"{new_path} holds other weights than when the run started")
+        digest = f" (sha256 {old_sha[:12]} -> {new_sha[:12]})" if old_sha and new_sha else ""
+        notes.append(f"--teacher-pretrained changed: {what}{digest}; the distillation target differs from "
+                     "the run so far")
+    # checkpoints from before data_root was saved: their --data, relative to today's working directory
+    saved_root = saved.get("data_root") or os.path.realpath(saved.get("data", ""))
+    if saved_root != cfg.data_root:
+        notes.append(f"--data changed: {saved_root!r} -> {cfg.data_root!r}; training continues on other data")
+    return notes
+
+
+def validation_precision(cfg: argparse.Namespace) -> str:
+    """``"bf16"``/``"fp16"`` when training validation runs under the training autocast (``--val-amp``),
+    else ``"fp32"`` (the reference metric, the default)."""
+    return cfg.amp if cfg.val_amp and cfg.amp != "off" else "fp32"
+
+
+def recipe_warnings(cfg: argparse.Namespace) -> list[str]:
+    """Settings that are valid here but make the run differ from the reference recipe it mirrors."""
+    warnings = []
+    if cfg.teacher_model is not None and cfg.kd_temperature != 1:
+        warnings.append(f"--kd-temperature {cfg.kd_temperature}: the reference segmentation recipe (DIST_KD "
+                        "train_kd.py) parses this flag but never uses it (its DIST has no temperature), so "
+                        "a reference run with it trains with tau = 1; here the logits are divided by "
+                        f"{cfg.kd_temperature}")
+    return warnings
 
 
 def _normal(value: Any) -> Any:
@@ -322,12 +493,18 @@ def config_dict(cfg: argparse.Namespace) -> dict[str, Any]:
 
 
 def save_config(cfg: argparse.Namespace, directory: str) -> str:
-    """Write ``config.json`` (atomically) into ``directory``; return its path."""
-    os.makedirs(directory, exist_ok=True)
+    """Write ``config.json`` (atomically) into ``directory``; return its path. A failure (disk full,
+    permissions) is a `ConfigError` and leaves no temporary file."""
     path = os.path.join(directory, "config.json")
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(config_dict(cfg), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(config_dict(cfg), indent=2, sort_keys=True) + "\n"
+    try:
+        os.makedirs(directory, exist_ok=True)
+        _write_file(tmp, text.encode())  # removes the partial file on failure
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise ConfigError(f"could not write {path}: {err.strerror or err} (check free space and "
+                          "permissions of that folder)") from None
     return path

@@ -184,8 +184,10 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="resnet18 | resnet50 | resnet101 | mobilenetv2")
     parser.add_argument("--data", required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")
     parser.add_argument("--pretrained", required=True, help="model checkpoint")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                        help="test scales, e.g. 0.75 1.0 1.25")
+    from fastdist.engine.config import SCALE_RANGE, finite_scale
+
+    parser.add_argument("--scales", type=finite_scale, nargs="+", default=[1.0],
+                        help=f"test scales in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}], e.g. 0.75 1.0 1.25")
     parser.add_argument("--flip-eval", action="store_true", help="average with horizontally flipped input")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu")
     parser.add_argument("--amp", default="none", help="autocast dtype: none | bf16 | fp16")

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES
 from fastdist.engine import checkpoint as ckpt
-from fastdist.engine.config import config_dict
+from fastdist.engine.config import NON_FINITE_HINT, config_dict, validation_precision
 from fastdist.engine.distributed import DistEnv
 from fastdist.engine.evaluation import evaluate
 from fastdist.engine.logger import RunLogger, format_duration
@@ -240,7 +240,7 @@ class Trainer:
             where = f"latest.pth at iteration {self._saved_at}" if self._saved_at else "none written yet"
             self.log.info(f"ERROR: non-finite loss at iteration {result.bad_iteration} (task "
                           f"{result.task_loss:.4g}, kd {result.kd_loss:.4g}); stopping without saving. "
-                          f"Last good checkpoint: {where} in {cfg.save_dir}. Lower --lr or try --amp off.")
+                          f"Last good checkpoint: {where} in {cfg.save_dir}. {NON_FINITE_HINT}.")
             self.log.record("event", event="non_finite_loss", iteration=result.bad_iteration)
             return 1
         if it % cfg.log_iter == 0 or it == self.end:
@@ -309,19 +309,21 @@ class Trainer:
         """Evaluate on the whole val split (all ranks); True when the mIoU is a new best."""
         assert self.val_loader is not None
         t0 = time.perf_counter()
+        precision = validation_precision(self.cfg)  # fp32 unless --val-amp: best.pth on the reference metric
         with self._fork_rng():
             res = evaluate(self.student_module, self.val_loader, NUM_CLASSES, self.env.device,
-                           amp_dtype=self.amp_dtype)
+                           amp_dtype=AMP_DTYPES.get(precision))
         miou, acc = res["mIoU"], res["pixAcc"]
         is_best = self.best_miou is None or miou > self.best_miou
         if is_best:
             self.best_miou, self.best_iteration = miou, it
-        self.log.info(f"validation at it {it}: mIoU {100 * miou:.2f} | pixAcc {100 * acc:.2f} | best "
-                      f"{100 * self.best_miou:.2f} (it {self.best_iteration}) | "
+        self.log.info(f"validation at it {it} ({precision}): mIoU {100 * miou:.2f} | "
+                      f"pixAcc {100 * acc:.2f} | best {100 * self.best_miou:.2f} "
+                      f"(it {self.best_iteration}) | "
                       f"{res.get('images', '?')} images in {time.perf_counter() - t0:.1f} s\n"
                       + format_iou_table(res["IoU"], CLASS_NAMES, miou))
         self.log.record("val", iteration=it, mIoU=miou, pixAcc=acc, IoU=res["IoU"], best_mIoU=self.best_miou,
-                        best_iteration=self.best_iteration)
+                        best_iteration=self.best_iteration, precision=precision)
         self._window.paused += time.perf_counter() - t0
         return is_best
 
@@ -359,7 +361,8 @@ class Trainer:
         if it == self.cfg.max_iterations:
             self._export(best=False)
         best = "n/a" if self.best_miou is None else f"{100 * self.best_miou:.2f} (it {self.best_iteration})"
-        self.log.info(f"done at iteration {it}: best mIoU {best}; checkpoints in {self.cfg.save_dir}")
+        self.log.info(f"done at iteration {it}: best mIoU ({validation_precision(self.cfg)}) {best}; "
+                      f"checkpoints in {self.cfg.save_dir}")
         self.log.record("event", event="finished" if it == self.cfg.max_iterations else "stopped",
                         iteration=it, best_mIoU=self.best_miou, best_iteration=self.best_iteration)
 
