@@ -106,7 +106,7 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
                       val_loader, log, start_iteration=start,
                       best_miou=resume.get("best_miou") if resume else None,
                       best_iteration=resume.get("best_iteration") if resume else None,
-                      rng_states=resume.get("rng") if resume else None)
+                      rng_states=resume.get("rng") if resume else None, owed=resume["owed"] if resume else None)
     try:
         code = trainer.fit()
         barrier()  # no rank tears the process group down while rank 0 still writes checkpoints
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     end = cfg.stop_at or cfg.max_iterations
-    if resume is not None and resume["iteration"] >= end:
+    if resume is not None and (resume["iteration"] > end or resume["iteration"] == end and not resume["owed"]):
         print(f"train.py: {cfg.resume} is at iteration {resume['iteration']}: nothing to do up to {end}",
               file=sys.stderr)
         return 0
