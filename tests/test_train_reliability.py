@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,8 @@ MODEL = ["--student-model", "psp_mobile", "--student-backbone", "mobilenetv2"]
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fastdist.data.synthetic import make_synthetic_cityscapes
 
-    return make_synthetic_cityscapes(tmp_path_factory.mktemp("rel_data"), train=4, val=2, size=(32, 64), seed=3)
+    root = tmp_path_factory.mktemp("rel_data")
+    return make_synthetic_cityscapes(root, train=4, val=2, size=(32, 64), seed=3)
 
 
 def _argv(data: Path, save: Path, *extra: str) -> list[str]:
@@ -93,7 +93,8 @@ def _nan_checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-def test_eval_and_predict_refuse_a_nan_model(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_eval_and_predict_refuse_a_nan_model(data: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
     weights = _nan_checkpoint(tmp_path)
     common = ["--model", "psp_mobile", "--backbone", "mobilenetv2", "--data", str(data), "--pretrained",
               str(weights), "--device", "cpu", "--workers", "0"]
@@ -129,3 +130,40 @@ def test_resume_finishes_a_failed_final_validation(data: Path, tmp_path: Path) -
     assert (save / "psp_mobile_mobilenetv2_citys_best_model.pth").exists()
     assert train.main(argv + ["--resume", "auto"]) == 0  # now truly nothing to do
     assert "validation at it 2" in _log(save)
+
+
+_HOLD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from fastdist.engine.lock import SaveDirLock
+lock = SaveDirLock(sys.argv[2]).acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def _holder(save: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(ROOT), str(save)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_run_on_a_live_save_dir_is_refused(data: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    save = tmp_path / "run"
+    holder = _holder(save)
+    try:
+        argv = _argv(data, save, "--max-iterations", "1", "--skip-val")
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "in use by another train.py" in err and f"pid {holder.pid}" in err, err
+        assert not (save / ckpt.LATEST).exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the kernel drops the flock
+        holder.wait()
+    assert train.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "did not end cleanly" in err and f"pid {holder.pid}" in err, err  # the stale lock was noticed
+    assert train.main(argv + ["--overwrite"]) == 0  # the lock was released by the run before
+    assert "did not end cleanly" not in capsys.readouterr().err
