@@ -171,3 +171,25 @@ def test_a_second_run_on_a_live_save_dir_is_refused(data: Path, tmp_path: Path,
     assert "did not end cleanly" in err and f"pid {holder.pid}" in err, err  # the stale lock was noticed
     assert train.main(argv + ["--overwrite"]) == 0  # the lock was released by the run before
     assert "did not end cleanly" not in capsys.readouterr().err
+
+
+def test_a_skipped_first_fp16_step_leaves_zero_momentum() -> None:
+    """torch's fused SGD allocates momentum with empty_like on its first step; a GradScaler skip must not
+    leave that memory as momentum (found by the finite-state check on an fp16 run)."""
+    from argparse import Namespace
+
+    from fastdist.engine.trainer import build_optimizer
+
+    net = torch.nn.Linear(64, 64)
+    opt = build_optimizer(Namespace(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0), net)
+    scaler = torch.amp.GradScaler("cpu")
+    for x in (torch.full((2, 64), float("inf")), torch.ones(2, 64)):  # inf gradients: skipped, then a step
+        torch.full((64, 64), float("nan"))  # freed at once: NaN memory that empty_like may get back
+        before = net.weight.detach().clone()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(net(x).sum()).backward()
+        grad = net.weight.grad.detach() / scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+    # the first real step is plain SGD: w - lr * g (no leftover momentum)
+    torch.testing.assert_close(net.weight.detach(), before - 0.1 * grad, atol=1e-6, rtol=1e-6)

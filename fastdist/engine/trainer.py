@@ -64,8 +64,16 @@ def build_optimizer(cfg: argparse.Namespace, model: nn.Module) -> torch.optim.Op
             raise RuntimeError(_APEX_HINT) from None
         return FusedSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # Fused (one kernel for all parameters; takes GradScaler's scale/inf flags without a host sync).
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           fused=True)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          fused=True)
+    # Zero momentum buffers up front: the fused first step allocates them with torch.empty_like and a
+    # GradScaler-skipped step (inf gradients, common at fp16's first iteration) leaves that memory
+    # uninitialised, to be used as momentum from then on. With zeros (and dampening 0) an unskipped
+    # first step computes 0.9 * 0 + g = g exactly, the same update.
+    if cfg.momentum != 0:
+        for p in params:
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return opt
 
 
 def configure_backends(device: torch.device) -> None:
