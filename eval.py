@@ -33,6 +33,7 @@ from fastdist.engine.evaluation import (
     save_results_json,
     to_device,
 )
+from fastdist.engine.finite import NonFiniteLogitsError
 from fastdist.engine.metrics import format_iou_table
 
 
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> dict:
                           check_files=False)  # _validate ran check_dataset
     start = time.perf_counter()
     result = evaluate(model, loader, NUM_CLASSES, env.device, scales=tuple(args.scales),
-                      flip=args.flip_eval, amp_dtype=amp_dtype_from_name(args.amp))
+                      flip=args.flip_eval, amp_dtype=amp_dtype_from_name(args.amp),
+                      source=f"checkpoint {args.pretrained}")
     seconds = time.perf_counter() - start
     if env.is_main:
         _report(args, result, seconds, env.world_size)
@@ -112,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval.py: error: {exc}", file=sys.stderr)
         cleanup_distributed()
         return 2
+    except NonFiniteLogitsError as exc:  # the command was fine, the model is not: no score, no PNGs
+        print(f"eval.py: error: {exc}", file=sys.stderr)
+        cleanup_distributed()
+        return 1
     return 0
 
 

@@ -37,6 +37,7 @@ from fastdist.engine.evaluation import (
     predict_images,
     to_device,
 )
+from fastdist.engine.finite import NonFiniteLogitsError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     written = predict_images(model, shard, args.save_dir, env.device, scales=tuple(args.scales),
                              flip=args.flip_eval, amp_dtype=amp_dtype, color=not args.no_color,
-                             channels_last=channels_last, workers=args.workers)
+                             channels_last=channels_last, workers=args.workers,
+                             source=f"checkpoint {args.pretrained}")
     barrier()
     if env.is_main:
         print(f"{len(pairs)} {args.split} predictions written to {args.save_dir} by {env.world_size} rank(s) "
@@ -81,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"predict.py: error: {exc}", file=sys.stderr)
         cleanup_distributed()
         return 2
+    except NonFiniteLogitsError as exc:  # the command was fine, the model is not: no score, no PNGs
+        print(f"predict.py: error: {exc}", file=sys.stderr)
+        cleanup_distributed()
+        return 1
     return 0
 
 

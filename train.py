@@ -13,6 +13,7 @@ machinery live in ``fastdist.engine`` (config, kd, trainer, checkpoint, logger, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -41,6 +42,7 @@ from fastdist.engine.kd import (
     prepare_student,
     prepare_teacher,
 )
+from fastdist.engine.lock import SaveDirLock, SaveDirLockError
 from fastdist.engine.logger import RunLogger
 from fastdist.engine.trainer import (
     Trainer,
@@ -51,7 +53,8 @@ from fastdist.engine.trainer import (
 )
 from fastdist.models import CheckpointError, load_checkpoint
 
-SETUP_ERRORS = (ConfigError, ModelLoadError, ckpt.CheckpointFormatError, CheckpointError)
+SETUP_ERRORS = (ConfigError, ModelLoadError, ckpt.CheckpointFormatError, CheckpointError,
+                SaveDirLockError)
 
 
 def load_resume(cfg: argparse.Namespace, student: torch.nn.Module) -> dict[str, Any] | None:
@@ -124,7 +127,8 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
                       val_loader, log, start_iteration=start,
                       best_miou=resume.get("best_miou") if resume else None,
                       best_iteration=resume.get("best_iteration") if resume else None,
-                      rng_states=resume.get("rng") if resume else None)
+                      rng_states=resume.get("rng") if resume else None,
+                      owed=resume["owed"] if resume else None)
     try:
         code = trainer.fit()
         barrier()  # no rank tears the process group down while rank 0 still writes checkpoints
@@ -133,10 +137,26 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
         log.close()
 
 
+def _lock_save_dir(cfg: argparse.Namespace, held: contextlib.ExitStack) -> None:
+    """Rank 0 holds the save dir's lock until ``held`` closes (`SaveDirLockError` if a live run has it)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    lock = held.enter_context(SaveDirLock(cfg.save_dir))
+    if lock.stale:
+        print(f"train.py: note: {lock.path} was left by a run that did not end cleanly ({lock.stale}); "
+              "taken over", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, check cheaply (exit 2 with a hint), then train; returns the exit code."""
+    with contextlib.ExitStack() as held:  # the save-dir lock: released on every return and exception
+        return _main(argv, held)
+
+
+def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> int:
     try:
         cfg = parse_config(argv)
+        _lock_save_dir(cfg, held)
         seed_everything(cfg.seed)  # identical initial weights on every rank
         student, teacher = build_student(cfg), build_teacher(cfg)
         resume = load_resume(cfg, student)
@@ -144,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     end = cfg.stop_at or cfg.max_iterations
-    if resume is not None and resume["iteration"] >= end:
+    owes = resume is not None and resume["iteration"] == end and resume["owed"]  # a failed last validation
+    if resume is not None and resume["iteration"] >= end and not owes:
         print(f"train.py: {cfg.resume} is at iteration {resume['iteration']}: nothing to do up to {end}",
               file=sys.stderr)
         return 0

@@ -4,7 +4,12 @@ A training checkpoint (``latest.pth``, ``best.pth``) is a dict::
 
     {"format": "fastdist-train", "version": 1, "iteration": int, "student": state dict,
      "optimizer": state dict, "scaler": state dict | None, "rng": [per-rank RNG states],
-     "best_miou": float | None, "best_iteration": int | None, "config": resolved configuration}
+     "best_miou": float | None, "best_iteration": int | None, "config": resolved configuration,
+     "owed": list of "validate" / "export"}
+
+``owed`` is what the iteration still had to do when the file was written (``latest.pth`` is saved
+before validating, so that a failing validation loses no training): ``--resume`` does it first.
+Files without the key (earlier fastdist) owe nothing.
 
 It loads with ``torch.load(weights_only=True)`` (tensors and plain containers only). Every file is
 written to a temporary name in the same folder, flushed to disk and renamed over the old one, so a
@@ -29,7 +34,7 @@ from torch import nn
 
 from fastdist.models import to_reference_state_dict
 
-__all__ = ["BEST", "FORMAT", "LATEST", "CheckpointFormatError", "CheckpointWriteError", "atomic_save",
+__all__ = ["BEST", "FORMAT", "LATEST", "CheckpointFormatError", "CheckpointWriteError", "OWED", "atomic_save",
            "export_reference", "gather_rng_states", "load_training_state", "reference_export_name",
            "remove_earlier_run", "rng_state", "set_rng_state"]
 
@@ -37,6 +42,7 @@ FORMAT = "fastdist-train"
 VERSION = 1
 LATEST = "latest.pth"
 BEST = "best.pth"
+OWED = ("validate", "export")  # what a checkpoint's iteration may still owe, in the order it is done
 
 
 class CheckpointFormatError(ValueError):
@@ -138,7 +144,7 @@ def gather_rng_states(device: torch.device) -> list[dict[str, Any]]:
 
 def training_state(student: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, iteration: int,
                    rng: list[dict[str, Any]], best_miou: float | None, best_iteration: int | None,
-                   config: dict[str, Any]) -> dict[str, Any]:
+                   config: dict[str, Any], owed: tuple[str, ...] = ()) -> dict[str, Any]:
     """The checkpoint dict (see the module docstring); ``student`` is the plain (unwrapped) module."""
     return {
         "format": FORMAT,
@@ -151,6 +157,7 @@ def training_state(student: nn.Module, optimizer: torch.optim.Optimizer, scaler:
         "best_miou": best_miou,
         "best_iteration": best_iteration,
         "config": config,
+        "owed": list(owed),
     }
 
 
@@ -168,6 +175,8 @@ def load_training_state(path: str) -> dict[str, Any]:
     if state.get("version") != VERSION:
         raise CheckpointFormatError(f"--resume {path}: checkpoint version {state.get('version')}, "
                                     f"this fastdist reads version {VERSION}")
+    if not set(state.setdefault("owed", [])) <= set(OWED):
+        raise CheckpointFormatError(f"--resume {path}: unknown pending work {state['owed']}")
     return state
 
 

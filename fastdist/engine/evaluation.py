@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from fastdist.engine.finite import non_finite_logits_error
 from fastdist.engine.metrics import ConfusionMatrix
 
 __all__ = [
@@ -141,6 +142,7 @@ def evaluate(
     flip: bool = False,
     amp_dtype: torch.dtype | None = None,
     ignore_index: int = 255,
+    source: str = "the model",
 ) -> dict:
     """Evaluate ``model`` on ``loader`` (this rank's shard) and return metrics over all ranks.
 
@@ -149,13 +151,15 @@ def evaluate(
     ranks may have different numbers of batches). The model's train/eval state is restored.
 
     Returns ``{"mIoU", "pixAcc", "IoU": list[float], "images": int}`` (fractions; see
-    `fastdist.engine.metrics` for the absent-class convention).
+    `fastdist.engine.metrics` for the absent-class convention). NaN/inf logits on any rank raise
+    `NonFiniteLogitsError` naming ``source`` on every rank (counted on the device, read once at the end).
     """
     device = torch.device(device)
     net = unwrap_for_inference(model)
     was_training = model.training
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
     images_seen = 0
+    bad_batches = torch.zeros((), dtype=torch.int64, device=device)
     model.eval()
     try:
         with torch.inference_mode(), _autocast(device, amp_dtype):
@@ -163,10 +167,14 @@ def evaluate(
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
                 logits = infer_logits(net, images, labels.shape[-2:], scales, flip)
+                bad_batches += (~torch.isfinite(logits)).any()
                 cm.update(logits.argmax(1), labels)
                 images_seen += labels.shape[0]
     finally:
         model.train(was_training)
+    bad = _all_reduce_count(int(bad_batches.item()), device)
+    if bad:
+        raise non_finite_logits_error(source, bad)
     cm.all_reduce()
     result = cm.compute()
     result["images"] = _all_reduce_count(images_seen, device)
@@ -355,11 +363,13 @@ def predict_images(
     color: bool = True,
     channels_last: bool = False,
     workers: int = 4,
+    source: str = "the model",
 ) -> int:
     """Predict every image of ``image_paths`` (this rank's shard) and write its PNGs; returns the count.
 
     Decoding and PNG encoding run in a thread pool (bounded read-ahead and write-behind) so the device
-    stays busy; predictions are at the full image size.
+    stays busy; predictions are at the full image size. An image with NaN/inf logits raises
+    `NonFiniteLogitsError` naming ``source`` before its PNGs are written.
     """
     from fastdist.data.torch_loader import read_image_bgr
 
@@ -376,6 +386,8 @@ def predict_images(
                 reads.append(pool.submit(read_image_bgr, image_paths[i + window]))
             with torch.inference_mode(), _autocast(device, amp_dtype):
                 logits = infer_logits(net, image_to_input(bgr, device, channels_last), None, scales, flip)
+            if not bool(torch.isfinite(logits).all()):  # this loop reads the prediction anyway
+                raise non_finite_logits_error(f"{source} (image {path})", 1)
             pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
             label_path, color_path = prediction_paths(path, save_dir)
             writes.append(pool.submit(write_prediction, pred, label_path, color_path if color else None,

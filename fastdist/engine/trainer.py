@@ -7,12 +7,15 @@ exception: torch's SyncBatchNorm, used on several GPUs, syncs in each layer's fo
 ``torch.compile`` graphs at every such layer; torch's own code, not ours): losses are summed on the
 device and a non-finite loss only sets a device-side flag holding its iteration. The host reads them at
 *sync points* (every ``--check-every`` iterations and at every log, validation and checkpoint iteration)
-in one small all-gather that also carries each rank's preemption flag, so all ranks take the same
-decision at the same iteration (see `signals`).
+in one small all-gather that also carries each rank's preemption flag and whether its weights, buffers
+(BatchNorm running statistics) and optimizer state are all finite (computed on the device at the sync
+point, `fastdist.engine.finite`), so all ranks take the same decision at the same iteration.
 
-Per iteration ``it`` (1-based, ``it`` steps done): sync point? -> stop on a non-finite loss (no
-checkpoint is written, the last good one stays) -> log -> save latest (at save and validation points)
--> validate (on a new best mIoU: best and latest again) -> stop on a signal or ``--stop-at``.
+Per iteration ``it`` (1-based, ``it`` steps done): sync point? -> stop on a non-finite loss or state
+(nothing is saved, validated or exported: every checkpoint on disk holds finite state) -> log -> save
+latest (at save and validation points; it records what the iteration still owes: validation, the
+final export) -> validate (on a new best mIoU: best) -> exports -> latest again, owing nothing -> stop
+on a signal or ``--stop-at``. A run resumed from a checkpoint that owes work does it first.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from fastdist.engine import checkpoint as ckpt
 from fastdist.engine.config import NON_FINITE_HINT, config_dict, validation_precision
 from fastdist.engine.distributed import DistEnv
 from fastdist.engine.evaluation import evaluate
+from fastdist.engine.finite import state_is_finite
 from fastdist.engine.logger import RunLogger, format_duration
 from fastdist.engine.metrics import format_iou_table
 from fastdist.engine.schedule import poly_lr, set_lr
@@ -60,8 +64,16 @@ def build_optimizer(cfg: argparse.Namespace, model: nn.Module) -> torch.optim.Op
             raise RuntimeError(_APEX_HINT) from None
         return FusedSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # Fused (one kernel for all parameters; takes GradScaler's scale/inf flags without a host sync).
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           fused=True)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          fused=True)
+    # Zero momentum buffers up front: the fused first step allocates them with torch.empty_like and a
+    # GradScaler-skipped step (inf gradients, common at fp16's first iteration) leaves that memory
+    # uninitialised, to be used as momentum from then on. With zeros (and dampening 0) an unskipped
+    # first step computes 0.9 * 0 + g = g exactly, the same update.
+    if cfg.momentum != 0:
+        for p in params:
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return opt
 
 
 def configure_backends(device: torch.device) -> None:
@@ -93,6 +105,7 @@ class SyncResult:
     kd_loss: float
     stop_requested: bool  # a rank received SIGTERM/SIGINT
     bad_iteration: int | None  # earliest iteration with a non-finite loss on any rank
+    bad_state: bool = False  # a rank's weights, buffers or optimizer state hold NaN/inf
 
 
 class _Meter:
@@ -110,10 +123,11 @@ class _Meter:
         self.bad_iteration.masked_fill_(bad & (self.bad_iteration == 0), iteration)
         self.count += 1
 
-    def sync(self, stop_flag: bool, world_size: int) -> SyncResult:
-        """One all-gather of [task_sum, kd_sum, bad_iteration, stop_flag] from every rank."""
+    def sync(self, stop_flag: bool, world_size: int, state_ok: Tensor) -> SyncResult:
+        """One all-gather of [task_sum, kd_sum, bad_iteration, stop_flag, state_ok] from every rank."""
         flag = torch.full((), float(stop_flag), dtype=torch.float64, device=self.device)
-        local = torch.stack([self.sums[0], self.sums[1], self.bad_iteration.double(), flag])
+        local = torch.stack([self.sums[0], self.sums[1], self.bad_iteration.double(), flag,
+                             state_ok.to(self.device, torch.float64)])
         if world_size > 1:
             parts = [torch.empty_like(local) for _ in range(world_size)]
             dist.all_gather(parts, local)
@@ -124,7 +138,8 @@ class _Meter:
         bad = [int(v) for v in table[:, 2].tolist() if v > 0]
         return SyncResult(task_loss=float(table[:, 0].sum()) / n, kd_loss=float(table[:, 1].sum()) / n,
                           stop_requested=bool((table[:, 3] > 0).any()),
-                          bad_iteration=min(bad) if bad else None)
+                          bad_iteration=min(bad) if bad else None,
+                          bad_state=bool((table[:, 4] == 0).any()))
 
     def reset_sums(self) -> None:
         self.sums.zero_()
@@ -148,7 +163,8 @@ class Trainer:
                  teacher: nn.Module | None, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler | None, train_loader: Any, val_loader: Any | None,
                  logger: RunLogger, start_iteration: int = 0, best_miou: float | None = None,
-                 best_iteration: int | None = None, rng_states: list[dict[str, Any]] | None = None) -> None:
+                 best_iteration: int | None = None, rng_states: list[dict[str, Any]] | None = None,
+                 owed: list[str] | None = None) -> None:
         self.cfg, self.env, self.log = cfg, env, logger
         self.student, self.student_module, self.teacher = student, student_module, teacher
         self.criterion, self.optimizer, self.scaler = criterion, optimizer, scaler
@@ -156,6 +172,7 @@ class Trainer:
         self.iteration = start_iteration
         self.best_miou, self.best_iteration = best_miou, best_iteration
         self._rng_states = rng_states
+        self._owed = tuple(owed or ())  # what the resumed checkpoint's iteration still has to do
         self.amp_dtype = AMP_DTYPES[cfg.amp]
         self.meter = _Meter(env.device)
         self.preemption = PreemptionHandler()
@@ -215,6 +232,12 @@ class Trainer:
         if self._rng_states is not None:
             self._restore_rng(self._rng_states)
         self._window = _Window(time.perf_counter(), start)
+        if self._owed:
+            self.log.info(f"iteration {start} still owes {' and '.join(self._owed)}: doing it first")
+            self._settle(start, self._owed)
+            if start == self.end:
+                self._finish(start)
+                return 0
         with self.preemption:
             for it in range(start + 1, self.end + 1):
                 t0 = time.perf_counter()
@@ -235,27 +258,23 @@ class Trainer:
     def _after_sync_point(self, it: int) -> int | None:
         """Log / validate / save at a sync point; an exit code when the run must stop here."""
         cfg = self.cfg
-        result = self.meter.sync(self.preemption.requested, self.env.world_size)
-        if result.bad_iteration is not None:
-            where = f"latest.pth at iteration {self._saved_at}" if self._saved_at else "none written yet"
-            self.log.info(f"ERROR: non-finite loss at iteration {result.bad_iteration} (task "
-                          f"{result.task_loss:.4g}, kd {result.kd_loss:.4g}); stopping without saving. "
-                          f"Last good checkpoint: {where} in {cfg.save_dir}. {NON_FINITE_HINT}.")
-            self.log.record("event", event="non_finite_loss", iteration=result.bad_iteration)
+        result = self.meter.sync(self.preemption.requested, self.env.world_size,
+                                 state_is_finite(self.student_module, self.optimizer))
+        if result.bad_iteration is not None or result.bad_state:
+            self._report_non_finite(it, result)
             return 1
         if it % cfg.log_iter == 0 or it == self.end:
             self._log_train(it, result)
         stopping = result.stop_requested or it == self.end
-        saving = it % cfg.save_per_iters == 0 or stopping
-        validating = self._is_val_point(it)
-        if saving or validating:
+        owed = (("validate",) if self._is_val_point(it) else ()) + (("export",) if it == cfg.max_iterations
+                                                                      else ())
+        if it % cfg.save_per_iters == 0 or stopping or owed:
             self._broadcast_buffers()
-            # before validating: an error there (say, an unreadable val image) loses no training
-            self.save(it, (ckpt.LATEST,))
-        if validating and self._validate(it):
-            # latest.pth carries the best mIoU too, so that a resumed run compares against it
-            self.save(it, (ckpt.BEST, ckpt.LATEST))
-            self._export(best=True)
+            # before validating: an error there (say, an unreadable val image) loses no training, and
+            # the owed work in the file makes --resume do it
+            self.save(it, (ckpt.LATEST,), owed)
+        if owed:
+            self._settle(it, owed)
         if result.stop_requested and it < self.end:
             self.log.info(f"stop requested by a signal: checkpoint at iteration {it} in {cfg.save_dir}; "
                           f"continue with --resume {os.path.join(cfg.save_dir, ckpt.LATEST)}")
@@ -312,7 +331,7 @@ class Trainer:
         precision = validation_precision(self.cfg)  # fp32 unless --val-amp: best.pth on the reference metric
         with self._fork_rng():
             res = evaluate(self.student_module, self.val_loader, NUM_CLASSES, self.env.device,
-                           amp_dtype=AMP_DTYPES.get(precision))
+                           amp_dtype=AMP_DTYPES.get(precision), source=f"the student at iteration {it}")
         miou, acc = res["mIoU"], res["pixAcc"]
         is_best = self.best_miou is None or miou > self.best_miou
         if is_best:
@@ -328,13 +347,14 @@ class Trainer:
         return is_best
 
     # --------------------------------------------------------------------------------- checkpoints
-    def save(self, it: int, names: tuple[str, ...] = (ckpt.LATEST,)) -> None:
-        """Write the training state under ``names`` in the save dir (collective: all ranks call it)."""
+    def save(self, it: int, names: tuple[str, ...] = (ckpt.LATEST,), owed: tuple[str, ...] = ()) -> None:
+        """Write the training state under ``names`` in the save dir (collective: all ranks call it);
+        ``owed``: what iteration ``it`` still has to do (see `checkpoint`)."""
         t0 = time.perf_counter()
         rng = ckpt.gather_rng_states(self.env.device)
         if self.env.is_main:
             state = ckpt.training_state(self.student_module, self.optimizer, self.scaler, it, rng,
-                                        self.best_miou, self.best_iteration, config_dict(self.cfg))
+                                        self.best_miou, self.best_iteration, config_dict(self.cfg), owed)
             first = os.path.join(self.cfg.save_dir, names[0])
             ckpt.atomic_save(state, first)
             for name in names[1:]:
@@ -357,9 +377,37 @@ class Trainer:
                                               self.teacher is not None, best=best)
             ckpt.export_reference(self.student_module, os.path.join(self.cfg.save_dir, name))
 
-    def _finish(self, it: int) -> None:
-        if it == self.cfg.max_iterations:
+    def _settle(self, it: int, owed: tuple[str, ...]) -> None:
+        """Do what iteration ``it`` owes (validation, best, exports), then save latest owing nothing."""
+        names: tuple[str, ...] = (ckpt.LATEST,)
+        if "validate" in owed and self.val_loader is not None and self._validate(it):
+            # latest.pth carries the best mIoU too, so that a resumed run compares against it
+            names = (ckpt.BEST, ckpt.LATEST)
+            self._export(best=True)
+        if "export" in owed:
             self._export(best=False)
+        self.save(it, names)
+
+    def _report_non_finite(self, it: int, result: SyncResult) -> None:
+        """Log why the run stops and which checkpoint is still good (every saved one is finite)."""
+        if result.bad_iteration is not None:
+            what = (f"non-finite loss at iteration {result.bad_iteration} (task {result.task_loss:.4g}, "
+                    f"kd {result.kd_loss:.4g})")
+        else:
+            what = f"non-finite weights, BatchNorm statistics or optimizer state at iteration {it}"
+        if self._saved_at is not None:
+            where = f"{ckpt.LATEST} at iteration {self._saved_at} in {self.cfg.save_dir}"
+        elif self.cfg.resume:
+            where = f"{self.cfg.resume} (this run resumed from it)"
+        else:
+            where = "none written yet"
+        self.log.info(f"ERROR: {what}; stopping without saving, validating or exporting. "
+                      f"Last good checkpoint: {where}. {NON_FINITE_HINT}.")
+        loss = result.bad_iteration is not None
+        self.log.record("event", event="non_finite_loss" if loss else "non_finite_state",
+                        iteration=result.bad_iteration if loss else it)
+
+    def _finish(self, it: int) -> None:
         best = "n/a" if self.best_miou is None else f"{100 * self.best_miou:.2f} (it {self.best_iteration})"
         self.log.info(f"done at iteration {it}: best mIoU ({validation_precision(self.cfg)}) {best}; "
                       f"checkpoints in {self.cfg.save_dir}")
