@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastdist.data.cityscapes import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, DatasetError, Pair
+from fastdist.data.cityscapes import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, DatasetError, Pair, load_verified
 from fastdist.data.loader import MEAN_BGR_F32, Loader, check_same_size, finish_batch
 from fastdist.data.sampler import CropPlan, SampleSpec, Schedule, nearest_sources, plan_crop
 
@@ -179,9 +179,8 @@ def _find_bad_file(batches: Sequence[list[Pair]]) -> str | None:
                 if path is None:
                     continue
                 try:
-                    with Image.open(path) as img:
-                        img.load()
-                except (OSError, ValueError, SyntaxError):
+                    load_verified(path).close()
+                except DatasetError:
                     return path
     return None
 

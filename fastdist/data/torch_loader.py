@@ -27,10 +27,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from fastdist.data.cityscapes import IGNORE_INDEX, DatasetError, Pair, label_lut
+from fastdist.data.cityscapes import IGNORE_INDEX, DatasetError, Pair, label_lut, load_verified
 from fastdist.data.loader import MEAN_BGR_F32, Loader, check_same_size, finish_batch
 from fastdist.data.sampler import CropPlan, SampleSpec, Schedule, nearest_sources, plan_crop
 
@@ -40,11 +39,8 @@ Sample = tuple[torch.Tensor, torch.Tensor | None, tuple[int, int, bool], str]
 
 
 def _read(path: str, mode: str) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert(mode) if img.mode != mode else img)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DatasetError(f"cannot decode {path}: {exc}") from exc
+    with load_verified(path) as img:
+        return np.asarray(img.convert(mode) if img.mode != mode else img)
 
 
 def read_image_bgr(path: str) -> np.ndarray:
