@@ -231,31 +231,30 @@ def list_pairs(root: str | os.PathLike, split: str, list_file: str | os.PathLike
     return pairs
 
 
-def _header(path: str) -> tuple[str, tuple[int, int]]:
-    """(PIL mode, (height, width)) of an image file, from its header only.
+def _header(path: str) -> tuple[str, tuple[int, int], bool]:
+    """(PIL mode, (height, width), more than 8 bits per sample) of an image file, from its header.
 
-    A file with more than 8 bits per sample gets mode ``"16-bit"``: PIL reads 16-bit grey as mode
-    ``I;16`` and 16-bit RGB as ``RGB`` (keeping the high bytes), DALI decodes them otherwise, and the
-    recipe's 8-bit mean has no meaning for them.
+    PIL reads 16-bit grey as mode ``I;16`` and 16-bit RGB as ``RGB`` (the high bytes), DALI decodes
+    them otherwise, and the recipe's 0..255 mean has no meaning for them: both are refused.
     """
     with Image.open(path) as img:
         raw_modes = [str(tile.args) for tile in img.tile]
         wide = img.mode.startswith(("I", "F")) or any(";16" in raw for raw in raw_modes)
-        return ("16-bit" if wide else img.mode), (img.height, img.width)
+        return img.mode, (img.height, img.width), wide
 
 
 def _pair_problem(pair: Pair) -> tuple[str, str] | None:
     """(kind, description) of the first problem in one pair's file headers; None when it is usable."""
     try:
-        image_mode, image_size = _header(pair.image)
+        _, image_size, wide = _header(pair.image)
     except _HEADER_ERRORS as exc:
         return "unreadable image(s)", f"{pair.image} ({exc})"
-    if image_mode == "16-bit":
+    if wide:
         return "16-bit image(s) (8 bits per channel expected)", pair.image
     if pair.label is None:
         return None
     try:
-        mode, label_size = _header(pair.label)
+        mode, label_size, _ = _header(pair.label)
     except _HEADER_ERRORS as exc:
         return "unreadable label(s)", f"{pair.label} ({exc})"
     if mode != LABEL_MODE:
