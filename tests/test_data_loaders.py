@@ -384,3 +384,23 @@ def test_without_dali_the_torch_backend_is_the_default(synth: Path, monkeypatch:
     assert not dali_available() and default_backend("cuda") == "torch"
     with pytest.raises(RuntimeError, match="needs NVIDIA DALI .*--loader torch"):
         build_loader(synth, "val", 2, crop_size=CROP, backend="dali", device="cpu")
+
+
+def _corrupt_idat_crc(path: str) -> None:
+    """Flip the CRC of the first IDAT chunk (the pixel data itself stays intact)."""
+    data = bytearray(Path(path).read_bytes())
+    start = data.index(b"IDAT") - 4
+    length = int.from_bytes(data[start : start + 4], "big")
+    crc = start + 8 + length
+    data[crc : crc + 4] = bytes(b ^ 0xFF for b in data[crc : crc + 4])
+    Path(path).write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_with_corrupt_idat_crc_names_the_label(tmp_path: Path, backend: str) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=0, val=2, size=(16, 32))
+    pair = list_pairs(root, "val")[1]
+    _corrupt_idat_crc(pair.label)
+    with pytest.raises(DatasetError) as err:
+        collect(loader(root, "val", backend, batch_size=2))
+    assert pair.label in str(err.value) and pair.image not in str(err.value)
