@@ -358,3 +358,60 @@ def test_plan_crop() -> None:
     assert (plan.left, plan.valid_w) == (0, 25)
     # the scaled size is round(15 * 0.7), computed as cv2 computes it
     assert plan_crop(15, 25, Augment(0.7, 0, 0, False), crop).height == 10
+
+
+# ----------------------------------------------------------------------------- issue 12 data checks
+
+
+def test_unreadable_city_folder_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A city folder that cannot be listed is named, not silently dropped (12 pairs instead of 16).
+
+    The tests run as root, which lists any folder, so the EACCES is raised where os.walk lists it.
+    """
+    root = make_synthetic_cityscapes(tmp_path, train=4, val=0, size=(16, 32))
+    assert len(list_pairs(root, "train")) == 4
+    city = root / "leftImg8bit" / "train" / "aachen"
+    assert city.is_dir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(city):
+            raise PermissionError(13, "Permission denied", str(city))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DatasetError, match=f"cannot read folder {city}: Permission denied"):
+        list_pairs(root, "train")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_list_file_line_without_label_refused_outside_test(tmp_path: Path, split: str) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=2, val=0, size=(16, 32))
+    images, labels = _list_columns(root)
+    lst = root / "mixed.lst"
+    lst.write_text(f"{images[0]} {labels[0]}\n{images[1]}\n")
+    with pytest.raises(DatasetError, match=f"mixed.lst:2: no label path for '{images[1]}'"):
+        list_pairs(root, split, lst)
+    pairs = list_pairs(root, "test", lst)  # test images may come without labels
+    assert [p.label is None for p in pairs] == [False, True]
+
+
+@pytest.mark.parametrize("kind", ["grey", "rgb"])
+def test_16_bit_image_refused(tmp_path: Path, kind: str) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=0, val=2, size=(16, 32))
+    bad = list_pairs(root, "val")[1].image
+    if kind == "grey":
+        Image.fromarray(np.full((16, 32), 40000, np.uint16)).save(bad)
+    else:  # 16-bit RGB: PIL opens it as mode RGB, only the PNG header says 16 bits
+        rows = b"".join(b"\x00" + np.full((32, 3), 1000, ">u2").tobytes() for _ in range(16))
+        header = (32).to_bytes(4, "big") + (16).to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
+        Path(bad).write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows))
+                              + _chunk(b"IEND", b""))  # fmt: skip
+        assert Image.open(bad).mode == "RGB"
+    with pytest.raises(DatasetError, match="16-bit image") as err:
+        check_dataset(root, "val")
+    assert bad in str(err.value)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")

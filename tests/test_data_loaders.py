@@ -101,8 +101,10 @@ def test_val_backends_agree_bitwise(synth: Path) -> None:
 
 def expected_label(label: np.ndarray, plan, crop: tuple[int, int]) -> np.ndarray:
     """Independent numpy of the label path: nearest (cv2 rule), pad 255 bottom-right, crop, flip."""
-    rows = np.floor(np.arange(plan.height) * (label.shape[0] / plan.height)).astype(int)
-    cols = np.floor(np.arange(plan.width) * (label.shape[1] / plan.width)).astype(int)
+    rows, cols = (
+        np.minimum(np.floor(np.arange(out) * (1.0 / plan.scale)).astype(int), size - 1)
+        for out, size in ((plan.height, label.shape[0]), (plan.width, label.shape[1]))
+    )
     scaled = label[rows][:, cols]
     padded = np.full((max(plan.height, crop[0]), max(plan.width, crop[1])), 255, np.int64)
     padded[: plan.height, : plan.width] = scaled
@@ -333,14 +335,17 @@ def test_torch_window_resize_matches_full_interpolate(scale: float) -> None:
     plan = plan_crop(37, 61, Augment(scale, 0.6, 0.3, False), crop)
     out_img, out_lbl = _augment(image, label, plan, crop)
     size = (plan.height, plan.width)
+    # cv2's mapping (step 1 / scale); edge-replicated so that floor(in * s) covers round(in * s)
+    padded = torch.nn.functional.pad(image.permute(2, 0, 1)[None].float(), (0, 2, 0, 2), mode="replicate")
     full = torch.nn.functional.interpolate(
-        image.permute(2, 0, 1)[None].float(), size=size, mode="bilinear", align_corners=False
+        padded, scale_factor=scale, mode="bilinear", align_corners=False, recompute_scale_factor=False
     )[0].permute(1, 2, 0)
     window = (slice(plan.top, plan.top + plan.valid_h), slice(plan.left, plan.left + plan.valid_w))
     want_img = (full + 0.5).floor()[window]
     got = out_img[: plan.valid_h, : plan.valid_w].float()
     assert (got - want_img).abs().max() <= 1 and (got != want_img).float().mean() < 0.01
-    want_lbl = torch.nn.functional.interpolate(label[None, None], size=size, mode="nearest")[0, 0][window]
+    rows, cols = (torch.arange(n, dtype=torch.float64).mul(1.0 / scale).floor().long() for n in size)
+    want_lbl = label[rows.clamp(max=36)][:, cols.clamp(max=60)][window]
     assert torch.equal(out_lbl[: plan.valid_h, : plan.valid_w], want_lbl)
     assert (out_img[plan.valid_h :] == 0).all() and (out_lbl[plan.valid_h :] == 255).all()
 
@@ -379,3 +384,23 @@ def test_without_dali_the_torch_backend_is_the_default(synth: Path, monkeypatch:
     assert not dali_available() and default_backend("cuda") == "torch"
     with pytest.raises(RuntimeError, match="needs NVIDIA DALI .*--loader torch"):
         build_loader(synth, "val", 2, crop_size=CROP, backend="dali", device="cpu")
+
+
+def _corrupt_idat_crc(path: str) -> None:
+    """Flip the CRC of the first IDAT chunk (the pixel data itself stays intact)."""
+    data = bytearray(Path(path).read_bytes())
+    start = data.index(b"IDAT") - 4
+    length = int.from_bytes(data[start : start + 4], "big")
+    crc = start + 8 + length
+    data[crc : crc + 4] = bytes(b ^ 0xFF for b in data[crc : crc + 4])
+    Path(path).write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_with_corrupt_idat_crc_names_the_label(tmp_path: Path, backend: str) -> None:
+    root = make_synthetic_cityscapes(tmp_path, train=0, val=2, size=(16, 32))
+    pair = list_pairs(root, "val")[1]
+    _corrupt_idat_crc(pair.label)
+    with pytest.raises(DatasetError) as err:
+        collect(loader(root, "val", backend, batch_size=2))
+    assert pair.label in str(err.value) and pair.image not in str(err.value)

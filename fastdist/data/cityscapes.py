@@ -23,6 +23,7 @@ size.  :func:`check_dataset` (the start-up check) and ``build_loader`` run it.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -91,17 +92,40 @@ def label_lut() -> np.ndarray:
     return lut
 
 
+def _unreadable_folder(exc: OSError) -> None:
+    """``os.walk``'s onerror: a folder it cannot list would silently drop its pairs."""
+    raise DatasetError(f"cannot read folder {exc.filename}: {exc.strerror or exc}") from exc
+
+
 def _scan(folder: Path, suffix: str) -> dict[str, str]:
     """Map ``<city>/<stem>`` -> absolute path for every file ending in ``suffix`` below ``folder``."""
     found: dict[str, str] = {}
     if not folder.is_dir():
         return found
-    for dirpath, _, files in os.walk(folder):
+    for dirpath, _, files in os.walk(folder, onerror=_unreadable_folder):
         for fname in files:
             if fname.endswith(suffix):
                 rel = os.path.relpath(os.path.join(dirpath, fname), folder)
                 found[rel[: -len(suffix)]] = os.path.join(dirpath, fname)
     return found
+
+
+def load_verified(path: str) -> Image.Image:
+    """Decode an image file after checking its integrity (for PNG every chunk CRC, IDAT included).
+
+    PIL's decoder skips the IDAT checksums, so a corrupt label could decode to wrong ids silently;
+    DALI's decoder refuses such a file.  Raises :class:`DatasetError` naming the file.
+    """
+    try:
+        data = io.BytesIO(Path(path).read_bytes())
+        with Image.open(data) as img:
+            img.verify()
+        data.seek(0)
+        img = Image.open(data)
+        img.load()
+        return img
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"cannot decode {path}: {exc}") from exc
 
 
 def _offenders(kind: str, keys: list[str]) -> str:
@@ -153,7 +177,8 @@ def _list_pair(root: Path, fields: list[str]) -> Pair:
     return Pair(str(root / fields[0]), str(root / fields[1]) if len(fields) == 2 else None, name)
 
 
-def _pairs_from_list(root: Path, list_file: Path) -> list[Pair]:
+def _pairs_from_list(root: Path, list_file: Path, split: str) -> list[Pair]:
+    """The pairs of a list file; a line without a label is an error except for the ``test`` split."""
     pairs: list[Pair] = []
     wrong: list[str] = []
     missing: list[str] = []
@@ -163,6 +188,11 @@ def _pairs_from_list(root: Path, list_file: Path) -> list[Pair]:
             continue
         if len(fields) > 2:
             raise DatasetError(f"{list_file}:{lineno}: expected 'image_path [label_path]', got {line!r}")
+        if len(fields) == 1 and split != "test":
+            raise DatasetError(
+                f"{list_file}:{lineno}: no label path for {fields[0]!r}: the {split!r} split needs "
+                "'image_path label_path' lines (only 'test' may list images alone)"
+            )
         problem = _label_problem(*fields) if len(fields) == 2 else None
         if problem is not None:
             wrong.append(f"line {lineno}: {problem}")
@@ -191,7 +221,7 @@ def list_pairs(root: str | os.PathLike, split: str, list_file: str | os.PathLike
         if fallback.is_file():
             list_file = fallback
     if list_file is not None:
-        pairs = _pairs_from_list(root_path, Path(list_file))
+        pairs = _pairs_from_list(root_path, Path(list_file), split)
     else:
         if split not in SPLITS:
             raise DatasetError(f"unknown split {split!r}: expected one of {SPLITS} or a list file")
@@ -201,22 +231,30 @@ def list_pairs(root: str | os.PathLike, split: str, list_file: str | os.PathLike
     return pairs
 
 
-def _header(path: str) -> tuple[str, tuple[int, int]]:
-    """(PIL mode, (height, width)) of an image file, from its header only."""
+def _header(path: str) -> tuple[str, tuple[int, int], bool]:
+    """(PIL mode, (height, width), more than 8 bits per sample) of an image file, from its header.
+
+    PIL reads 16-bit grey as mode ``I;16`` and 16-bit RGB as ``RGB`` (the high bytes), DALI decodes
+    them otherwise, and the recipe's 0..255 mean has no meaning for them: both are refused.
+    """
     with Image.open(path) as img:
-        return img.mode, (img.height, img.width)
+        raw_modes = [str(tile.args) for tile in img.tile]
+        wide = img.mode.startswith(("I", "F")) or any(";16" in raw for raw in raw_modes)
+        return img.mode, (img.height, img.width), wide
 
 
 def _pair_problem(pair: Pair) -> tuple[str, str] | None:
     """(kind, description) of the first problem in one pair's file headers; None when it is usable."""
     try:
-        _, image_size = _header(pair.image)
+        _, image_size, wide = _header(pair.image)
     except _HEADER_ERRORS as exc:
         return "unreadable image(s)", f"{pair.image} ({exc})"
+    if wide:
+        return "16-bit image(s) (8 bits per channel expected)", pair.image
     if pair.label is None:
         return None
     try:
-        mode, label_size = _header(pair.label)
+        mode, label_size, _ = _header(pair.label)
     except _HEADER_ERRORS as exc:
         return "unreadable label(s)", f"{pair.label} ({exc})"
     if mode != LABEL_MODE:

@@ -15,6 +15,7 @@ naming the file.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -23,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastdist.data.cityscapes import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, DatasetError, Pair
+from fastdist.data.cityscapes import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, DatasetError, Pair, load_verified
 from fastdist.data.loader import MEAN_BGR_F32, Loader, check_same_size, finish_batch
-from fastdist.data.sampler import CropPlan, SampleSpec, Schedule, plan_crop
+from fastdist.data.sampler import CropPlan, SampleSpec, Schedule, nearest_sources, plan_crop
 
 _MEAN = [float(m) for m in MEAN_BGR_F32]  # the float32 values, as in the torch backend
 
@@ -51,22 +52,54 @@ def _crop_pos(offset: int, extent: int, crop: int) -> float:
     return offset / (extent - crop) if extent > crop else 0.0
 
 
-def _train_args(plan: CropPlan, height: int, width: int, crop_size: tuple[int, int]) -> list[np.ndarray]:
-    """One sample's per-sample arguments: output size, crop position, mirror, label resize ROI.
+_FLOAT32_HEADROOM = 1e-3  # DALI computes source coordinates in float32: keep this far from pixel edges
 
-    DALI samples output pixel ``d`` at ``roi_start + (d + 0.5) * in / out``; shifting the label ROI
-    by half a step gives ``d * in / out``, the source pixel cv2 INTER_NEAREST and torch ``nearest``
-    pick (images keep DALI's pixel-centre sampling, which is what bilinear uses everywhere).
+
+@functools.lru_cache(maxsize=1024)
+def _nearest_roi(in_size: int, out_size: int, scale: float) -> tuple[float, float]:
+    """(roi_start, roi_end) along one axis making DALI's nearest resize pick cv2's source pixels.
+
+    DALI picks ``floor(roi_start + (d + 0.5) * step)`` with ``step = (roi_end - roi_start) / out``;
+    cv2 picks ``floor(d * (1 / scale))`` in float64 (:func:`nearest_sources`).  With ``step = 1 / scale``
+    that is ``floor(d / scale + shift)`` for every shift in ``[max(k_d - d / scale),
+    min(k_d + 1 - d / scale))``; the middle of that interval is taken.  Where cv2's float64 rounding
+    of ``d * (1 / scale)`` is not affine in ``d`` (at scale 1.3, some multiples of 13 land just below
+    an integer) the interval is empty and the shift is half the smallest gap to the next integer,
+    the exact ``floor(d / scale)``: those rows/columns then take the neighbouring source pixel.
     """
-    half = np.array([0.5 * height / plan.height, 0.5 * width / plan.width], dtype=np.float32)
+    d = np.arange(out_size, dtype=np.float64)
+    exact = d / scale
+    k = nearest_sources(0, out_size, np.iinfo(np.int64).max, scale).astype(np.float64)
+    lo, hi = np.max(k - exact), np.min(k + 1 - exact)
+    if hi - lo > 2 * _FLOAT32_HEADROOM:
+        shift = (lo + hi) / 2
+    else:
+        gaps = np.ceil(exact) - exact
+        shift = float(np.min(gaps[gaps > _FLOAT32_HEADROOM], initial=1.0)) / 2
+    start = shift - 0.5 / scale
+    return start, start + out_size / scale
+
+
+def _train_args(plan: CropPlan, height: int, width: int, crop_size: tuple[int, int]) -> list[np.ndarray]:
+    """One sample's per-sample arguments: output size, crop position, mirror, image and label ROIs.
+
+    DALI samples output pixel ``d`` at ``roi_start + (d + 0.5) * (roi_end - roi_start) / out`` (pixel
+    edges at integers).  The image ROI ``[0, out / scale]`` gives bilinear the source coordinate
+    ``(d + 0.5) / scale - 0.5`` of cv2 INTER_LINEAR for ``resize(fx=fy=scale)`` (beyond the image DALI
+    clamps, as cv2 does); the label ROI comes from :func:`_nearest_roi`.
+    """
+    (top, bottom), (left, right) = (_nearest_roi(n, m, plan.scale) for n, m in
+                                    ((height, plan.height), (width, plan.width)))
     return [
         np.array(plan.height, dtype=np.float32),
         np.array(plan.width, dtype=np.float32),
         np.array(_crop_pos(plan.top, plan.height, crop_size[0]), dtype=np.float32),
         np.array(_crop_pos(plan.left, plan.width, crop_size[1]), dtype=np.float32),
         np.array(int(plan.flip), dtype=np.int32),
-        -half,
-        np.array([height, width], dtype=np.float32) - half,
+        np.array([0.0, 0.0], dtype=np.float32),
+        np.array([plan.height / plan.scale, plan.width / plan.scale], dtype=np.float32),
+        np.array([top, left], dtype=np.float32),
+        np.array([bottom, right], dtype=np.float32),
     ]
 
 
@@ -104,7 +137,7 @@ def _graph(source: _BatchSource, train: bool, has_labels: bool, crop_size: tuple
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    num_outputs = 1 + has_labels + (7 if train else 0)
+    num_outputs = 1 + has_labels + (9 if train else 0)
     inputs = fn.external_source(source=source, num_outputs=num_outputs, batch=True)
     decoder = "mixed" if gpu else "cpu"
     image = fn.decoders.image(inputs[0], device=decoder, output_type=types.BGR)
@@ -119,15 +152,20 @@ def _graph(source: _BatchSource, train: bool, has_labels: bool, crop_size: tuple
     if not train:
         image = fn.crop_mirror_normalize(image, **normalize)
         return (image, label) if has_labels else (image,)
-    size_y, size_x, pos_y, pos_x, mirror, roi_start, roi_end = inputs[1 + has_labels :]
+    size_y, size_x, pos_y, pos_x, mirror, *rois = inputs[1 + has_labels :]
+    image_start, image_end, label_start, label_end = rois
     resize = dict(resize_x=size_x, resize_y=size_y, antialias=False)
-    image = fn.resize(image, interp_type=types.INTERP_LINEAR, **resize)
+    image = fn.resize(
+        image, interp_type=types.INTERP_LINEAR, roi_start=image_start, roi_end=image_end, **resize
+    )
     crop = dict(
         crop=list(crop_size), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror, out_of_bounds_policy="pad"
     )
     image = fn.crop_mirror_normalize(image, fill_values=[0.0, 0.0, 0.0], **normalize, **crop)
     if has_labels:
-        label = fn.resize(label, interp_type=types.INTERP_NN, roi_start=roi_start, roi_end=roi_end, **resize)
+        label = fn.resize(
+            label, interp_type=types.INTERP_NN, roi_start=label_start, roi_end=label_end, **resize
+        )
         label = fn.crop_mirror_normalize(
             label, fill_values=[float(IGNORE_INDEX)], dtype=types.UINT8, output_layout="HWC", **crop
         )
@@ -141,9 +179,8 @@ def _find_bad_file(batches: Sequence[list[Pair]]) -> str | None:
                 if path is None:
                     continue
                 try:
-                    with Image.open(path) as img:
-                        img.load()
-                except (OSError, ValueError, SyntaxError):
+                    load_verified(path).close()
+                except DatasetError:
                     return path
     return None
 

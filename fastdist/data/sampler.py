@@ -44,13 +44,17 @@ class SampleSpec:
 
 @dataclass(frozen=True)
 class CropPlan:
-    """A training sample's geometry: resize to (height, width), crop at (top, left), flip.
+    """A training sample's geometry: resize by ``scale`` to (height, width), crop at (top, left), flip.
+
+    The resize maps output to source pixels with ``1 / scale`` (as cv2 ``resize(fx=fy=scale)`` does),
+    not with ``size / height``: the two differ when ``height * scale`` is not an integer.
 
     The scaled image is padded at the bottom/right to the crop size before cropping (as the
     reference does), so ``valid_h``/``valid_w`` rows/columns of the crop hold image pixels; the
     valid columns are the left ones, or the right ones after a flip.
     """
 
+    scale: float
     height: int
     width: int
     top: int
@@ -70,9 +74,20 @@ def plan_crop(height: int, width: int, augment: Augment, crop_size: tuple[int, i
     scaled_h, scaled_w = round(height * augment.scale), round(width * augment.scale)
     top, left = _offset(augment.u_y, scaled_h, crop_size[0]), _offset(augment.u_x, scaled_w, crop_size[1])
     return CropPlan(
-        scaled_h, scaled_w, top, left, augment.flip,
+        augment.scale, scaled_h, scaled_w, top, left, augment.flip,
         min(crop_size[0], scaled_h - top), min(crop_size[1], scaled_w - left),
     )  # fmt: skip
+
+
+def nearest_sources(start: int, count: int, in_size: int, scale: float) -> np.ndarray:
+    """Source pixels of output pixels ``start .. start+count-1`` of a nearest-neighbour resize by ``scale``.
+
+    cv2 INTER_NEAREST of ``resize(fx=fy=scale)``: ``min(floor(d * (1 / scale)), in_size - 1)`` in
+    float64, rounding of ``1 / scale`` included (at scale 1.3 it puts every 13th output pixel one
+    source pixel before the exact ``d / 1.3``).
+    """
+    dst = np.arange(start, start + count, dtype=np.float64)
+    return np.minimum(np.floor(dst * (1.0 / scale)).astype(np.int64), in_size - 1)
 
 
 class Schedule:

@@ -1,8 +1,9 @@
 """The torch.utils.data backend: PIL decoding and augmentation in workers, normalisation on device.
 
-Workers decode (PIL), map labels to train ids, and for training resize (bilinear with
-``align_corners=False`` semantics and no antialias, like cv2 INTER_LINEAR; labels nearest, picking
-source pixel ``floor(dst * src / dst_size)`` like cv2 INTER_NEAREST and torch ``nearest``), pad
+Workers decode (PIL), map labels to train ids, and for training resize with cv2's source-pixel
+mapping for ``resize(fx=fy=scale)`` (step ``1 / scale``; bilinear with ``align_corners=False``
+semantics and no antialias, like INTER_LINEAR, within one grey level of cv2's fixed-point result;
+labels nearest, source pixel ``floor(dst * (1 / scale))`` exactly as INTER_NEAREST), pad
 bottom/right, crop and flip, all as uint8.  Only the crop window of the scaled image is computed.
 The main process copies pinned uint8 batches to the device without
 blocking, converts to float32, subtracts the mean and zeroes the padding there: 4x less traffic
@@ -26,12 +27,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from fastdist.data.cityscapes import IGNORE_INDEX, DatasetError, Pair, label_lut
+from fastdist.data.cityscapes import IGNORE_INDEX, DatasetError, Pair, label_lut, load_verified
 from fastdist.data.loader import MEAN_BGR_F32, Loader, check_same_size, finish_batch
-from fastdist.data.sampler import CropPlan, SampleSpec, Schedule, plan_crop
+from fastdist.data.sampler import CropPlan, SampleSpec, Schedule, nearest_sources, plan_crop
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -39,11 +39,8 @@ Sample = tuple[torch.Tensor, torch.Tensor | None, tuple[int, int, bool], str]
 
 
 def _read(path: str, mode: str) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert(mode) if img.mode != mode else img)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DatasetError(f"cannot decode {path}: {exc}") from exc
+    with load_verified(path) as img:
+        return np.asarray(img.convert(mode) if img.mode != mode else img)
 
 
 def read_image_bgr(path: str) -> np.ndarray:
@@ -56,22 +53,17 @@ def read_train_ids(path: str) -> np.ndarray:
     return label_lut()[_read(path, "L")]
 
 
-def _linear_taps(start: int, count: int, in_size: int, out_size: int):
+def _linear_taps(start: int, count: int, in_size: int, scale: float):
     """Source taps of output pixels ``start .. start+count-1`` for bilinear, ``align_corners=False``.
 
-    Source coordinate ``(d + 0.5) * in / out - 0.5`` clamped at 0 (as cv2 INTER_LINEAR and torch
-    ``interpolate`` compute it): lower index, upper index and the upper weight.
+    Source coordinate ``(d + 0.5) * (1 / scale) - 0.5``, computed in float64 and rounded to float32,
+    clamped to ``[0, in_size - 1]`` (cv2 INTER_LINEAR of ``resize(fx=fy=scale)``: the step is
+    ``1 / scale``, not ``in_size / out_size``): lower index, upper index and the upper weight.
     """
-    src = (torch.arange(start, start + count, dtype=torch.float32) + 0.5) * (in_size / out_size) - 0.5
-    src = src.clamp_(min=0)
-    lower = src.floor().long().clamp_(max=in_size - 1)
+    src = (torch.arange(start, start + count, dtype=torch.float64) + 0.5) * (1.0 / scale) - 0.5
+    src = src.to(torch.float32).clamp_(0, in_size - 1)
+    lower = src.floor().long()
     return lower, (lower + 1).clamp_(max=in_size - 1), src - lower
-
-
-def _nearest_taps(start: int, count: int, in_size: int, out_size: int) -> torch.Tensor:
-    """Source pixel ``floor(d * in / out)`` of output pixels ``start .. start+count-1`` (cv2 NEAREST)."""
-    src = torch.arange(start, start + count, dtype=torch.float32) * (in_size / out_size)
-    return src.floor().long().clamp_(max=in_size - 1)
 
 
 def _resize_window(image: torch.Tensor, plan: CropPlan) -> torch.Tensor:
@@ -81,8 +73,8 @@ def _resize_window(image: torch.Tensor, plan: CropPlan) -> torch.Tensor:
     crop, not with the scaled image (2x upscales of 1024x2048 images are 16x cheaper).
     """
     height, width = image.shape[:2]
-    r0, r1, rw = _linear_taps(plan.top, plan.valid_h, height, plan.height)
-    c0, c1, cw = _linear_taps(plan.left, plan.valid_w, width, plan.width)
+    r0, r1, rw = _linear_taps(plan.top, plan.valid_h, height, plan.scale)
+    c0, c1, cw = _linear_taps(plan.left, plan.valid_w, width, plan.scale)
     first, last = int(c0.min()), int(c1.max())
     band = image[:, first : last + 1]
     top, bottom = band.index_select(0, r0).float(), band.index_select(0, r1).float()
@@ -99,8 +91,8 @@ def _augment(
     out_img = torch.zeros((*crop_size, 3), dtype=torch.uint8)
     out_lbl = torch.full(crop_size, IGNORE_INDEX, dtype=torch.uint8)
     out_img[: plan.valid_h, : plan.valid_w] = _resize_window(image, plan)
-    rows = _nearest_taps(plan.top, plan.valid_h, label.shape[0], plan.height)
-    cols = _nearest_taps(plan.left, plan.valid_w, label.shape[1], plan.width)
+    rows = torch.from_numpy(nearest_sources(plan.top, plan.valid_h, label.shape[0], plan.scale))
+    cols = torch.from_numpy(nearest_sources(plan.left, plan.valid_w, label.shape[1], plan.scale))
     out_lbl[: plan.valid_h, : plan.valid_w] = label.index_select(0, rows).index_select(1, cols)
     if plan.flip:
         out_img, out_lbl = out_img.flip(1), out_lbl.flip(1)

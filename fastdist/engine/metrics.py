@@ -1,6 +1,7 @@
 """Segmentation metrics from a confusion matrix kept on the device.
 
-Conventions (those of the CIRKD/DIST_KD ``SegmentationMetric`` the published numbers come from):
+Conventions (those of the CIRKD/DIST_KD ``SegmentationMetric`` the published numbers come from,
+except for the pixAcc argmax, see the last point):
 
 * Pixels whose target is ``ignore_index`` (or any value outside ``[0, num_classes)``) are not counted
   at all: neither as labelled pixels nor in any class's prediction area.
@@ -10,7 +11,12 @@ Conventions (those of the CIRKD/DIST_KD ``SegmentationMetric`` the published num
   matters on subsets of the data: every Cityscapes class occurs in the full val split. Pass
   ``absent="nan"`` to get NaN for such classes instead and have ``mIoU`` average the present ones only
   (NaN when no class is present).
-* ``pixAcc = correct / labelled`` over non-ignored pixels; 0.0 when nothing is labelled.
+* ``pixAcc = correct / labelled`` over non-ignored pixels; 0.0 when nothing is labelled.  The
+  prediction fed in (:mod:`fastdist.engine.evaluation`) is the argmax of the logits as they are, for
+  pixAcc as for IoU.  The reference's pixAcc
+  (``batch_pix_accuracy``) differs: it truncates the logits to integers first
+  (``torch.argmax(output.long(), 1)``), so logits that tie after truncation (say 0.3 and 0.7) pick the
+  first class there; fastdist keeps the untruncated argmax, and its pixAcc can be slightly higher.
 """
 
 from __future__ import annotations
