@@ -19,7 +19,7 @@ import json
 import math
 import os
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -141,6 +141,7 @@ def evaluate(
     flip: bool = False,
     amp_dtype: torch.dtype | None = None,
     ignore_index: int = 255,
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Evaluate ``model`` on ``loader`` (this rank's shard) and return metrics over all ranks.
 
@@ -165,6 +166,8 @@ def evaluate(
                 logits = infer_logits(net, images, labels.shape[-2:], scales, flip)
                 cm.update(logits.argmax(1), labels)
                 images_seen += labels.shape[0]
+                if progress is not None:  # images done on this rank (a host count, no sync)
+                    progress(images_seen)
     finally:
         model.train(was_training)
     cm.all_reduce()
@@ -353,6 +356,7 @@ def predict_images(
     color: bool = True,
     channels_last: bool = False,
     workers: int = 4,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Predict every image of ``image_paths`` (this rank's shard) and write its PNGs; returns the count.
 
@@ -380,6 +384,8 @@ def predict_images(
                                       lut, palette))
             while len(writes) > window:
                 writes.popleft().result()
+            if progress is not None:
+                progress(i + 1)
         for fut in writes:
             fut.result()
     return len(image_paths)

@@ -40,6 +40,7 @@ from fastdist.engine.logger import RunLogger, format_duration
 from fastdist.engine.metrics import format_iou_table
 from fastdist.engine.schedule import poly_lr, set_lr
 from fastdist.engine.signals import PreemptionHandler
+from fastdist.engine.sliding import maybe_sliding
 
 __all__ = ["AMP_DTYPES", "SyncResult", "Trainer", "build_optimizer", "build_scaler", "configure_backends",
            "seed_everything"]
@@ -310,7 +311,9 @@ class Trainer:
         assert self.val_loader is not None
         t0 = time.perf_counter()
         with self._fork_rng():
-            res = evaluate(self.student_module, self.val_loader, NUM_CLASSES, self.env.device,
+            cfg = self.cfg
+            net = maybe_sliding(self.student_module, cfg.eval_mode, cfg.crop_size, cfg.eval_stride)
+            res = evaluate(net, self.val_loader, NUM_CLASSES, self.env.device,
                            amp_dtype=self.amp_dtype)
         miou, acc = res["mIoU"], res["pixAcc"]
         is_best = self.best_miou is None or miou > self.best_miou
