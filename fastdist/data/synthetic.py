@@ -1,7 +1,7 @@
 """Synthetic Cityscapes: a complete Cityscapes-format tree whose images are learnable from labels.
 
 Each label map is a street-like layout (sky band, buildings, road, sidewalk) overlaid with large
-random ellipses, rectangles and polygons of random classes, stored as Cityscapes *labelIds*
+random ellipses and rectangles of random classes, stored as Cityscapes *labelIds*
 (including ids that map to the ignore index: 0 unlabeled, 1 ego vehicle, 4 static).  Each image
 paints every label id with its own base colour (drawn without repetition from a 5x5x5 grid, so two
 classes differ by at least 50 in some channel) and its own texture (stripes of a class-dependent
@@ -72,22 +72,14 @@ def synth_label(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     draw.rectangle([0, horizon, width, height], fill=7)  # road
     draw.polygon([(0, horizon), (width // 4, horizon), (0, height)], fill=8)  # sidewalk
     draw.rectangle([0, int(height * 0.93), width, height], fill=int(rng.choice([1, 7])))  # ego / road
-    for _ in range(int(rng.integers(5, 11))):
+    for _ in range(int(rng.integers(5, 10))):
         label = int(rng.choice(SHAPE_IDS))
-        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-        w, h = (
-            int(rng.integers(width // 8 + 1, width // 3 + 2)),
-            int(rng.integers(height // 6 + 1, height // 2 + 2)),
-        )
-        box = [x0, y0, x0 + w, y0 + h]
-        kind = int(rng.integers(0, 3))
-        if kind == 0:
-            draw.ellipse(box, fill=label)
-        elif kind == 1:
-            draw.rectangle(box, fill=label)
+        x0, y0 = int(rng.integers(-width // 10, width)), int(rng.integers(-height // 10, height))
+        w, h = int(rng.integers(width // 6, width // 3 + 1)), int(rng.integers(height // 5, height // 2 + 1))
+        if rng.random() < 0.5:
+            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=label)
         else:
-            pts = [(int(rng.integers(x0, x0 + w + 1)), int(rng.integers(y0, y0 + h + 1))) for _ in range(5)]
-            draw.polygon(pts, fill=label)
+            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=label)
     if rng.random() < 0.5:  # a patch of 'unlabeled'
         x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
         draw.rectangle([x0, y0, x0 + width // 10, y0 + height // 10], fill=0)
