@@ -32,6 +32,7 @@ lint: install
 demo: install
 	bash scripts/demo.sh
 
-# CUDA parity tests and all three benchmarks on a GPU machine, into one results folder.
+# The kernel benchmark, CUDA parity tests, loss, KD-step and loader benchmarks on a GPU machine within one
+# deadline, into one results folder (GPU_CHECK_ARGS=--dry-run: the same wiring on a CPU).
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)

@@ -1,209 +1,61 @@
-"""Shared helpers for the fastdist benchmarks: environment capture, device peaks, timing, memory, output.
+"""Shared helpers for the fastdist benchmarks: timing, memory, time budget, output.
 
 Every benchmark script imports this module first; it puts the repository root on ``sys.path`` so that
 ``python benchmarks/<script>.py`` works from a checkout without an install (``PYTHONPATH=.`` also works).
+The environment capture (device, vendor peaks, versions) is :mod:`env`; the pass/fail targets are
+judged by ``report.py``, never here.
 
 Timing methodology
 ------------------
-* CUDA: CUDA events around each call, after a warm-up, with the L2 cache flushed (a 256 MiB buffer is
-  zeroed) before every timed call, in the manner of ``triton.testing.do_bench``; the number of timed
-  calls is bounded so a case never takes more than ``rep_ms`` (plus one call) of GPU time.
-* CPU: ``time.perf_counter`` wall clock around each call, after a warm-up.
-Each case reports the median and the 20th/80th percentiles of the per-call times.
+* CUDA, cold L2: ``triton.testing.do_bench`` (the tool the kernels' tuner uses): CUDA events around each
+  call, Triton's 256 MiB L2 flush right before every timed call. Every provider is timed the same way, so
+  none starts with its inputs in L2.
+* CUDA, warm L2 (the recipe's logits are in L2 in real training): ``do_bench`` of two calls back to back
+  minus ``do_bench`` of one; the second call finds what the first left in L2 (the same flush precedes
+  both blocks, so no provider gets a head start).
+* Per-call untimed setup (e.g. the forward before a timed backward): the marginal time of ``fn``,
+  ``do_bench(setup; flush; fn)`` minus ``do_bench(setup; flush)`` (the same Triton L2 flush between
+  them, so ``fn`` starts cold as well); warm: ``(setup; fn; setup; fn)`` minus ``(setup; fn; setup)``.
+* CUDA-graph replays: ``triton.testing.do_bench_cudagraph`` (no host overhead; warm L2).
+* Host time per call: wall clock of ``n`` asynchronous calls (no synchronisation in between) over ``n``.
+* CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (the same marginal-time rule for setup; the CPU
+  has no L2 flush: its times are "warm").
+Each timing holds the median and the 20th/80th percentiles of the per-call times (for a marginal time,
+the quantiles of the full block shifted by the median of its prefix).
 """
 
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import gc
-import importlib
 import json
 import math
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-ROOT = Path(__file__).resolve().parents[1]
+from env import (
+    RESULTS_DIR,
+    ROOT,
+    DevicePeak,
+    capture_env,
+    lookup_peak,
+    resolve_device,
+    results_folder,
+    slugify,
+)
+
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+# Re-exported for the benchmark scripts (the environment lives in env.py).
+__all__ = ["RESULTS_DIR", "ROOT", "DevicePeak", "capture_env", "lookup_peak", "resolve_device",
+           "results_folder", "slugify"]
 NOT_MEASURED = "not measured"
-
-
-# --------------------------------------------------------------------------------------------------
-# Device peaks
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DevicePeak:
-    """Vendor peak figures of one GPU model (dense, i.e. without structured sparsity)."""
-
-    label: str
-    mem_bw_bytes_s: float  # peak DRAM bandwidth, bytes/s
-    bf16_flops: float  # dense BF16 tensor-core peak, FLOP/s
-    source: str
-
-
-_NV_H100 = "NVIDIA H100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h100); sparse figures halved"
-_NV_H200 = "NVIDIA H200 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/h200); sparse figures halved"
-_NV_A100 = "NVIDIA A100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/a100); sparse figures halved"
-
-# (regex on torch.cuda.get_device_name(), peak). First match wins, so specific names come first. Dense
-# figures are the datasheets' "with sparsity" tensor-core figures halved. Anything else (GH200 included,
-# whose HBM differs by variant) is "unknown" and no fraction of peak is reported.
-DEVICE_PEAKS: list[tuple[str, DevicePeak]] = [
-    (r"H100.*PCIe", DevicePeak("H100 PCIe", 2.0e12, 756.5e12, _NV_H100)),
-    (r"H100.*NVL", DevicePeak("H100 NVL", 3.9e12, 835.5e12, _NV_H100)),
-    (r"H100", DevicePeak("H100 SXM5 (HBM3)", 3.35e12, 989.5e12, _NV_H100)),
-    (r"(?<!G)H200.*NVL", DevicePeak("H200 NVL", 4.8e12, 835.5e12, _NV_H200)),
-    (r"(?<!G)H200", DevicePeak("H200 SXM", 4.8e12, 989.5e12, _NV_H200)),
-    (r"A100.*80GB.*PCIe", DevicePeak("A100 80GB PCIe", 1.935e12, 312e12, _NV_A100)),
-    (r"A100.*80GB", DevicePeak("A100 80GB SXM4", 2.039e12, 312e12, _NV_A100)),
-    (r"A100", DevicePeak("A100 40GB", 1.555e12, 312e12, _NV_A100)),
-]
-
-
-def lookup_peak(device_name: str) -> DevicePeak | None:
-    """Return the vendor peaks of a device by its name, or None when the device is not in the table."""
-    for pattern, peak in DEVICE_PEAKS:
-        if re.search(pattern, device_name, flags=re.IGNORECASE):
-            return peak
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Environment
-# --------------------------------------------------------------------------------------------------
-def slugify(text: str) -> str:
-    """Lower-case ``text`` and replace every run of non-alphanumerics by one dash."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def resolve_device(device: str) -> str:
-    """Map ``auto`` to ``cuda`` when a GPU is visible, else ``cpu``; pass other values through.
-
-    A CUDA device with an index (``cuda:N``) is made the current device (``torch.cuda.set_device``):
-    CUDA events, the default stream and Triton launches follow the current device, not the tensors' one.
-    """
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not device.startswith("cuda"):
-        return device
-    if not torch.cuda.is_available():
-        raise SystemExit(f"--device {device} requested but torch.cuda.is_available() is False")
-    index = torch.device(device).index
-    if index is not None:
-        if index >= torch.cuda.device_count():
-            raise SystemExit(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        torch.cuda.set_device(index)
-    return device
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or ``platform.processor()``)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
-
-
-def device_name(device: str) -> str:
-    """Human-readable device name: the CUDA device name, or ``CPU (<model>)``."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({cpu_model()})"
-
-
-def device_slug(device: str) -> str:
-    """Folder-name slug of a device, e.g. ``nvidia-h100-80gb-hbm3``; CPUs are ``cpu``."""
-    return slugify(device_name(device)) if device.startswith("cuda") else "cpu"
-
-
-def _run(cmd: Sequence[str]) -> str | None:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def git_commit() -> str | None:
-    """Commit of the checkout, with ``-dirty`` when tracked files differ from it (None outside git)."""
-    sha = _run(["git", "rev-parse", "HEAD"])
-    if sha is None:
-        return None
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
-    return f"{sha}-dirty" if dirty else sha
-
-
-def driver_version() -> str | None:
-    """NVIDIA driver version from nvidia-smi, or None."""
-    out = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    return out.splitlines()[0].strip() if out else None
-
-
-def _module_version(name: str) -> str | None:
-    try:
-        module = importlib.import_module(name)
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
-    return getattr(module, "__version__", "unknown")
-
-
-def utc_now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
-
-
-def capture_env(device: str) -> dict[str, Any]:
-    """Describe the machine and software a result was measured with."""
-    import torch
-
-    peak = lookup_peak(device_name(device)) if device.startswith("cuda") else None
-    now = utc_now()
-    return {
-        "device": device,
-        "device_name": device_name(device),
-        "device_slug": device_slug(device),
-        "is_cuda": device.startswith("cuda"),
-        "peak": asdict(peak) if peak else "unknown",
-        "torch": torch.__version__,
-        "triton": _module_version("triton"),
-        "dali": _module_version("nvidia.dali"),
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "driver": driver_version() if device.startswith("cuda") else None,
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
-        "git_commit": git_commit(),
-        "date": now.strftime("%Y-%m-%d"),
-        "datetime_utc": now.isoformat(timespec="seconds"),
-    }
-
-
-def results_folder(env: dict[str, Any], base: Path | None = None) -> Path:
-    """``<base>/<device-slug>-<YYYY-MM-DD>``, created if needed."""
-    folder = (base or RESULTS_DIR) / f"{env['device_slug']}-{env['date']}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,86 +86,88 @@ def summarize(times_ms: Sequence[float]) -> Timing:
     return Timing(statistics.median(data), quantile(0.2), quantile(0.8), len(data))
 
 
-_L2_FLUSH: dict[str, Any] = {}
+def _sequence(calls: Sequence[Callable[[], Any]]) -> Callable[[], None]:
+    def run() -> None:
+        for call in calls:
+            call()
+
+    return run
 
 
-def _l2_flush_buffer(device: str) -> Any:
-    """A 256 MiB buffer per device; zeroing it evicts the L2 cache (50 MiB on an H100)."""
+def _block_times(block: Callable[[], Any], device: str, warmup_ms: float, rep_ms: float) -> list[float]:
+    """Per-call times (ms) of ``block``: do_bench (cold L2) on CUDA, torch.utils.benchmark on CPU."""
+    if device.startswith("cuda"):
+        from triton.testing import do_bench
+
+        return list(do_bench(block, warmup=warmup_ms, rep=rep_ms, return_mode="all"))
     import torch
+    from torch.utils import benchmark
 
-    if device not in _L2_FLUSH:
-        _L2_FLUSH[device] = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
-    return _L2_FLUSH[device]
-
-
-def _call(fn: Callable[..., Any], setup: Callable[[], Any] | None) -> Any:
-    return fn(setup()) if setup is not None else fn()
+    block()  # warm-up (first-call costs)
+    timer = benchmark.Timer(stmt="block()", globals={"block": block}, num_threads=torch.get_num_threads())
+    return [t * 1e3 for t in timer.blocked_autorange(min_run_time=max(rep_ms, warmup_ms) / 1e3).times]
 
 
-def time_cuda(fn: Callable[..., Any], device: str, warmup_ms: float, rep_ms: float, max_reps: int = 1000,
-              flush_l2: bool = True, setup: Callable[[], Any] | None = None) -> Timing:
-    """Time ``fn`` on a CUDA device with CUDA events (L2 flushed before each timed call).
-
-    With ``setup``, each call is ``fn(setup())`` and only ``fn`` is timed (e.g. setup = forward,
-    fn = backward).
-    """
-    import torch
-
-    flush = _l2_flush_buffer(device) if flush_l2 else None
-    _call(fn, setup)
-    torch.cuda.synchronize(device)
-    times: list[float] = []
-    budget_ms = warmup_ms
-    n = 0
-    while True:  # warm-up, which also estimates the time of one call
-        arg = setup() if setup is not None else None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(arg) if setup is not None else fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        times.append(start.elapsed_time(end))
-        n += 1
-        if n >= max_reps or (n >= 3 and sum(times) >= budget_ms):
-            break
-    estimate = max(statistics.median(times), 1e-3)
-    n_rep = max(5, min(max_reps, int(rep_ms / estimate)))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
-    for i in range(n_rep):
-        arg = setup() if setup is not None else None
-        if flush is not None:
-            flush.zero_()
-        starts[i].record()
-        fn(arg) if setup is not None else fn()
-        ends[i].record()
-    torch.cuda.synchronize(device)
-    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
-
-
-def time_cpu(fn: Callable[..., Any], warmup_ms: float, rep_ms: float, min_reps: int = 3,
-             max_reps: int = 1000, setup: Callable[[], Any] | None = None) -> Timing:
-    """Wall-clock time of ``fn`` on the CPU: warm-up for ``warmup_ms``, then time calls for ``rep_ms``."""
-    t_end = time.perf_counter() + warmup_ms / 1e3
-    _call(fn, setup)
-    while time.perf_counter() < t_end:
-        _call(fn, setup)
-    times: list[float] = []
-    t_end = time.perf_counter() + rep_ms / 1e3
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() < t_end):
-        arg = setup() if setup is not None else None
-        t0 = time.perf_counter()
-        fn(arg) if setup is not None else fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return summarize(times)
+def _marginal(prefix: Sequence[Callable[[], Any]], fn: Callable[[], Any], device: str, warmup_ms: float,
+              rep_ms: float) -> Timing:
+    """Time of ``fn`` run after ``prefix``: block(prefix + fn) minus block(prefix) (median of each)."""
+    full = summarize(_block_times(_sequence([*prefix, fn]), device, warmup_ms, rep_ms))
+    if not prefix:
+        return full
+    base = summarize(_block_times(_sequence(prefix), device, warmup_ms, rep_ms)).median_ms
+    floor = 1e-6  # a marginal time is positive; noise may not make it negative
+    return Timing(max(full.median_ms - base, floor), max(full.p20_ms - base, floor),
+                  max(full.p80_ms - base, floor), full.reps)
 
 
 def time_fn(fn: Callable[..., Any], device: str, warmup_ms: float = 25, rep_ms: float = 100,
-            max_reps: int = 1000, setup: Callable[[], Any] | None = None) -> Timing:
-    """Time ``fn`` on ``device`` (CUDA events on GPU, wall clock on CPU); see :func:`time_cuda`."""
-    if device.startswith("cuda"):
-        return time_cuda(fn, device, warmup_ms, rep_ms, max_reps=max_reps, setup=setup)
-    return time_cpu(fn, warmup_ms, rep_ms, max_reps=max_reps, setup=setup)
+            setup: Callable[[], Any] | None = None, l2: str = "cold") -> Timing:
+    """Time ``fn`` on ``device`` (see the module docstring). With ``setup``, each call is
+    ``fn(setup())`` and only ``fn`` is timed. ``l2``: ``"cold"`` (flushed before the timed call) or
+    ``"warm"`` (run right after the same work); on CPU both are warm."""
+    if l2 not in ("cold", "warm"):
+        raise ValueError(f"l2 must be 'cold' or 'warm', got {l2!r}")
+    if setup is None:
+        call, prefix = fn, []
+    else:
+        state: dict[str, Any] = {}
+        call = lambda: fn(state["arg"])  # noqa: E731 - a closure over the setup's latest result
+        prefix = [lambda: state.__setitem__("arg", setup())]
+    cuda = device.startswith("cuda")
+    if cuda and l2 == "warm":  # the timed call follows the same work (and setup)
+        prefix = [*prefix, call, *prefix]
+    elif cuda and prefix:  # cold: flushed again between the setup and the timed call
+        prefix = [*prefix, _l2_flush()]
+    return _marginal(prefix, call, device, warmup_ms, rep_ms)
+
+
+def _l2_flush() -> Callable[[], None]:
+    """Triton's own L2 flush (the one do_bench runs before every timed call)."""
+    from triton.runtime import driver
+
+    cache = driver.active.get_empty_cache_for_benchmark()
+    return lambda: driver.active.clear_cache(cache)
+
+
+def time_graph(fn: Callable[[], Any], rep_ms: float = 100) -> Timing:
+    """Per-call time of ``fn`` as CUDA-graph replays (``triton.testing.do_bench_cudagraph``; warm L2).
+    ``fn`` must be capturable (static shapes, no host synchronisation)."""
+    from triton.testing import do_bench_cudagraph
+
+    return summarize(list(do_bench_cudagraph(fn, rep=rep_ms, return_mode="all")))
+
+
+def host_ms_per_call(fn: Callable[[], Any], device: str, calls: int = 50) -> float:
+    """Host (Python + dispatch) time per call: ``calls`` asynchronous calls, no synchronisation between
+    them (a CUDA launch queue holds far more than 50 calls' kernels, so the host does not wait)."""
+    fn()
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_s = time.perf_counter() - t0
+    synchronize(device)
+    return host_s * 1e3 / calls
 
 
 def synchronize(device: str) -> None:
@@ -469,21 +323,3 @@ def fmt_bytes(n: float | None) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GiB"
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Create the results folder of this device and date, write ``env.json`` into it, print its path."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
-    parser.add_argument("--base", type=Path, default=None, help="parent folder (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    env = capture_env(resolve_device(args.device))
-    folder = results_folder(env, args.base)
-    write_json(folder / "env.json", env)
-    print(folder)
-
-
-if __name__ == "__main__":
-    main()

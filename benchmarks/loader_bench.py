@@ -408,33 +408,15 @@ def write_results(parts: dict[str, Any], env: dict[str, Any], args: argparse.Nam
         "config": {"quick": args.quick, "image_size": args.image_size, "crop": args.crop, "batch": args.batch,
                    "num_images": args.num_images, "warmup": args.warmup, "batches": args.batches,
                    "dataset": str(root), "with_step": args.with_step, "step_config": args.step_config,
+                   "step_threads": args.step_threads,
                    "profile_batches": args.profile_batches, "cpu_cores_available": env["cpu_affinity"],
                    "complete": complete, "wall_s": wall_s},
         "decode": parts["decode"],
         "results": parts["results"],
         "step": parts["step"] or common.NOT_MEASURED,
-        "targets": evaluate_targets(parts["step"], env["is_cuda"], args),
     }
     common.write_json(out_dir / "loader.json", doc)
     return doc
-
-
-def evaluate_targets(step_rows: list[dict[str, Any]], is_cuda: bool, args: argparse.Namespace) -> list[dict]:
-    """Issue target: the DALI loader keeps the training step (train.py's CUDA configuration,
-    :data:`TRAINING_STEP`) fed: data wait < 5% at batch 2 with 8 threads."""
-    row = next((r for r in step_rows if r.get("backend") == "dali" and r.get("status") == "ok"), None)
-    value = row.get("data_wait_frac") if row else None
-    if not is_cuda:
-        status = "not applicable (CPU run)"
-    elif args.step_config != TRAINING_STEP:
-        status = f"{common.NOT_MEASURED}: the target uses the {TRAINING_STEP} step"
-    elif value is None or args.batch != 2 or args.step_threads != 8:
-        status = common.NOT_MEASURED  # (the target is defined at batch 2 with 8 threads)
-    else:
-        status = "pass" if value < 0.05 else "fail"
-    case = f"batch {args.batch}, {args.step_threads} threads, step {args.step_config}"
-    return [{"target": "DALI data wait / step time", "case": case,
-             "field": "data_wait_frac", "op": "<", "threshold": 0.05, "value": value, "status": status}]
 
 
 def main(argv: list[str] | None = None) -> None:

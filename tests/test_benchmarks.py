@@ -1,6 +1,6 @@
-"""Smoke tests of benchmarks/: the three benchmarks' --quick CPU runs and report.py on their outputs.
+"""Smoke tests of benchmarks/: one CPU dry run of gpu-check (every part's --quick run) and report.py on it.
 
-The runs are small (a minute or two on 2 CPU cores together). They check that the files and fields
+The dry run is small (under a minute on 2 CPU cores). The tests check that the files and fields
 exist, that measured values are finite and positive, that derived values (speed-ups, images/s) are
 recomputed from the measured times, and that the rendered report shows no number that the results files
 do not hold.
@@ -25,29 +25,33 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
+import gpu_check  # noqa: E402
 import loader_bench  # noqa: E402
 import loss_bench  # noqa: E402
 import report  # noqa: E402
 import train_bench  # noqa: E402
 
 
-def _run(script: str, *args: str, timeout: float = 400) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+def _gpu_check(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(BENCH / "gpu_check.sh"), *args],
+                          env={**os.environ, "PYTHON": sys.executable, **env}, capture_output=True, text=True,
+                          timeout=400)
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Run the three quick benchmarks once into temporary folders."""
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One CPU dry run of the whole gpu-check script, copying to a temporary $OUT."""
     base = tmp_path_factory.mktemp("bench")
-    out = {name: base / name for name in ("loss", "train", "loader")}
-    _run("loss_bench.py", "--quick", "--device", "cpu", "--out", str(out["loss"]))
-    _run("train_bench.py", "--quick", "--device", "cpu", "--out", str(out["train"]))
-    _run("loader_bench.py", "--quick", "--device", "cpu", "--out", str(out["loader"]),
-         "--data-dir", str(base / "data"))
-    return out
+    proc = _gpu_check("--dry-run", "--base", str(base / "results"), OUT=str(base / "out"))
+    assert proc.returncode == 0, f"gpu-check dry run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
+    (folder,) = (base / "results").glob("cpu-*")
+    return {"folder": folder, "out": base / "out", "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="module")
+def results(dry_run: dict[str, Any]) -> dict[str, Path]:
+    """The folder of each benchmark's results (the dry run writes them all into one)."""
+    return {name: dry_run["folder"] for name in report.BENCHMARKS}
 
 
 def _finite_positive(value: Any) -> bool:
@@ -189,13 +193,13 @@ def test_loss_byte_models_and_bandwidth_targets() -> None:
             "status": "ok"}
     rows = [{**base, "mode": "bwd", "bw_frac_peak": 0.8, "bw_frac_peak_min_io": 0.8},
             {**base, "mode": "fwd+bwd", "bw_frac_peak": 0.75, "bw_frac_peak_min_io": 0.45}]
-    bandwidth_targets = [t for t in loss_bench.evaluate_targets(rows, is_cuda=True)
+    bandwidth_targets = [t for t in report.loss_targets({"env": {"is_cuda": True}, "results": rows})
                          if t["case"].startswith("fullres-b2 bf16") and "bandwidth" in t["target"]]
     got = {(t["mode"], t["field"]): (t["value"], t["status"]) for t in bandwidth_targets}
     assert got == {("bwd", "bw_frac_peak"): (0.8, "pass"), ("fwd+bwd", "bw_frac_peak"): (0.75, "pass"),
                    ("fwd+bwd", "bw_frac_peak_min_io"): (0.45, "fail")}
     names = {t["field"] + " " + t["mode"]: t["target"] for t in bandwidth_targets}
-    assert "two-pass" in names["bw_frac_peak fwd+bwd"] and "issue's" in names["bw_frac_peak_min_io fwd+bwd"]
+    assert "two-pass" in names["bw_frac_peak fwd+bwd"] and "S+T+dS" in names["bw_frac_peak_min_io fwd+bwd"]
     assert "both models" in names["bw_frac_peak bwd"]
 
 
@@ -206,8 +210,8 @@ def test_train_bench_files_and_values(results: dict[str, Path]) -> None:
     doc = json.loads((results["train"] / "train.json").read_text())
     _check_env(doc["env"])
     rows = {r["config"]: r for r in doc["results"]}
-    assert list(rows) == ["reference", "+amp", "+channels_last", "+fused_loss", "+compile"]
-    assert rows["+compile"]["status"].startswith("skipped")
+    assert list(rows) == train_bench.CONFIG_ORDER
+    assert rows["+compile"]["status"] == rows["+teacher_graph"]["status"] == "skipped: --quick"
     ref = rows["reference"]
     assert ref["amp"] is False and ref["channels_last"] is False and ref["loss_backend"] == "reference"
     for name in ("reference", "+amp", "+channels_last", "+fused_loss"):
@@ -219,14 +223,22 @@ def test_train_bench_files_and_values(results: dict[str, Path]) -> None:
         assert math.isclose(r["speedup_vs_reference"], r["images_per_s"] / ref["images_per_s"], rel_tol=1e-9)
         assert r["peak_mem_bytes"] is None and r["frac_peak_bf16"] is None  # CPU: not measured
     assert rows["+fused_loss"]["loss_backend"] == "torch"
-    assert doc["targets"][0]["status"].startswith("not applicable")
+    assert "targets" not in doc  # the benchmark measures, report.py judges
+    assert report.train_targets(doc)[0]["status"] == "not applicable (CPU run)"
+    assert doc["config"]["multi_gpu"]["strategy"] and doc["config"]["flops_counted_at_batch"] == 2
 
 
-def test_train_plan_runs_eager_rows_before_compiles() -> None:
+def test_train_plan_runs_the_recipe_batch_first() -> None:
+    """The whole ablation at batch 2 (eager rows, then +compile, then the teacher's CUDA graph) before any
+    larger batch, so that a time budget cuts the larger batches first."""
     pairs = [(cfg.name, batch) for cfg, batch in train_bench.plan(train_bench.parse_args([]), "triton")]
-    eager = [("reference", 2), ("+amp", 2), ("+channels_last", 2), ("+fused_loss", 2),
-             ("reference", 4), ("+fused_loss", 4), ("reference", 8), ("+fused_loss", 8)]
-    assert pairs == [*eager, ("+compile", 2), ("+compile", 4), ("+compile", 8)]
+    first = [("reference", 2), ("+amp", 2), ("+channels_last", 2), ("+fused_loss", 2), ("+compile", 2),
+             ("+teacher_graph", 2)]
+    larger = [(c, b) for b in (4, 8) for c in ("reference", "+fused_loss", "+compile", "+teacher_graph")]
+    assert pairs == [*first, *larger]
+    graph = {c.name: c for c in train_bench.ablation("triton")}["+teacher_graph"]
+    assert train_bench.skip_reason(graph, "cpu") == "skipped: CUDA graphs need a GPU"
+    assert train_bench.skip_reason(graph, "cuda") is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,10 +283,12 @@ def test_loader_step_is_the_training_configuration(monkeypatch: pytest.MonkeyPat
     assert (step.compile, step.channels_last, step.amp) == (cfg.compile, cfg.channels_last, cfg.amp == "bf16")
     assert step.compile and loader_bench.default_step_config(is_cuda=False, quick=False) == "+fused_loss"
     rows = [{"backend": "dali", "status": "ok", "data_wait_frac": 0.01}]
-    eager = "not measured: the target uses the +compile step"
+    eager = "not measured: the target uses the +compile step, batch 2, 8 threads"
     for step_config, status in ((name, "pass"), ("+fused_loss", eager)):
         args = loader_bench.parse_args(["--step-config", step_config])
-        assert loader_bench.evaluate_targets(rows, True, args)[0]["status"] == status
+        cfg = {"step_config": args.step_config, "batch": args.batch, "step_threads": args.step_threads}
+        doc = {"env": {"is_cuda": True}, "step": rows, "config": cfg}
+        assert report.loader_targets(doc)[0]["status"] == status
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,10 +316,17 @@ def _allowed_tokens(docs: list[dict[str, Any]]) -> set[str]:
             for scale in _SCALES:
                 for digits in range(5):
                     allowed.add(f"{leaf * scale:.{digits}f}")
+            allowed.update(re.findall(r"\d+(?:\.\d+)?", f"{leaf:.1e}"))  # scientific notation
         elif isinstance(leaf, str):
             allowed.update(re.findall(r"\d+(?:\.\d+)?", leaf))
             allowed.update(re.findall(r"\d+", leaf))
     return allowed
+
+
+def _static_tokens() -> set[str]:
+    """Numbers of the report's own text: the byte-model note and the targets' goals (not measurements)."""
+    goals = [t.threshold for t in report.LOSS_TARGETS] + [report.TRAIN_TARGET[1], report.LOADER_TARGET[3]]
+    return set(_shown_numbers(report.LOSS_BYTES_NOTE)) | {f"{g:.2f}" for g in goals} | {"2", "8"}
 
 
 def _shown_numbers(text: str) -> list[str]:
@@ -317,17 +338,18 @@ def _shown_numbers(text: str) -> list[str]:
 
 def test_report_shows_only_numbers_from_files(results: dict[str, Path], tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Performance\n\n{report.BEGIN}\nold\n{report.END}\n\n## After\n")
-    report.main(["--results", *map(str, results.values()), "--readme", str(readme)])
+    readme.write_text(f"# x\n\n## Performance\n\n{report.BEGIN}\nOLD-PLACEHOLDER\n{report.END}\n\n## After\n")
+    report.main(["--results", *map(str, set(results.values())), "--readme", str(readme)])
     text = readme.read_text()
     assert text.startswith("# x\n\n## Performance\n\n") and text.endswith(f"{report.END}\n\n## After\n")
     section = text[text.index(report.BEGIN) + len(report.BEGIN): text.index(report.END)]
-    assert "old" not in section
-    for title in ("### DIST loss", "### KD training step", "### Training loader"):
+    assert "OLD-PLACEHOLDER" not in section
+    for title in ("### Fused loss kernels", "### DIST loss", "### KD training step", "### Training loader"):
         assert title in section
-    assert section.count("CPU smoke run") == 3  # every CPU table is labelled
-    docs = [json.loads((results[n] / f"{n}.json").read_text()) for n in ("loss", "train", "loader")]
-    allowed = _allowed_tokens(docs) | set(_shown_numbers(report.LOSS_BYTES_NOTE))  # static prose
+    assert section.count("CPU smoke run") == 4  # every CPU table is labelled
+    assert "| pass |" not in section and "| fail |" not in section  # a CPU run is never judged
+    docs = [json.loads((results[n] / f"{n}.json").read_text()) for n in report.BENCHMARKS]
+    allowed = _allowed_tokens(docs) | _static_tokens()
     shown = _shown_numbers(section)
     assert shown
     invented = sorted({tok for tok in shown if tok not in allowed})
@@ -355,7 +377,7 @@ def test_report_renders_gpu_fields(results: dict[str, Path], tmp_path: Path,
     assert "Test GPU" in out and "CPU smoke run" not in out and "skipped: interpreter" not in out
     assert "%" in out and "3/5 = 60%" in out  # the two byte models are explained
     allowed = _allowed_tokens([doc]) | set(re.findall(r"\d+", str(tmp_path)))  # the source path is shown
-    allowed |= set(_shown_numbers(report.LOSS_BYTES_NOTE))
+    allowed |= _static_tokens()
     invented = sorted({t for t in _shown_numbers(out) if t not in allowed})
     assert not invented, invented
 
@@ -398,7 +420,22 @@ def test_report_prefers_complete_full_runs(results: dict[str, Path], tmp_path: P
 
 def test_report_ignores_cpu_results_by_default(results: dict[str, Path]) -> None:
     assert report.newest(results.values(), include_cpu=False) == {}
-    assert set(report.newest(results.values(), include_cpu=True)) == {"loss", "train", "loader"}
+    assert set(report.newest(results.values(), include_cpu=True)) == set(report.BENCHMARKS)
+
+
+def test_report_keeps_cpu_results_out_of_the_gpu_section(results: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """CPU results under benchmarks/results/ (e.g. a saved CPU loss run) never appear as GPU numbers: the
+    default report ignores them; only --include-cpu shows them, labelled as a CPU smoke run."""
+    import shutil
+
+    shutil.copytree(results["loss"], tmp_path / "cpu-2026-12-04")
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    report.main(["--stdout"])
+    assert capsys.readouterr().out == report.NO_RESULTS
+    report.main(["--stdout", "--include-cpu"])
+    assert "CPU smoke run" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,22 +468,153 @@ def test_summarize_quantiles() -> None:
     assert (t.median_ms, t.p20_ms, t.p80_ms, t.reps) == pytest.approx((3.0, 1.8, 4.2, 5))
 
 
+def test_time_fn_times_only_fn_after_an_untimed_setup() -> None:
+    """The marginal time of ``fn`` after ``setup`` (CPU: torch.utils.benchmark): a 4 ms setup is not
+    counted in a 2 ms call."""
+    import time
+
+    sleep = time.sleep
+    t = common.time_fn(lambda _arg: sleep(0.002), "cpu", warmup_ms=1, rep_ms=60, setup=lambda: sleep(0.004))
+    assert 1.0 < t.median_ms < 3.5 and t.p20_ms <= t.p80_ms
+    alone = common.time_fn(lambda: sleep(0.002), "cpu", warmup_ms=1, rep_ms=30)
+    assert 1.9 < alone.median_ms < 3.5
+    with pytest.raises(ValueError, match="l2 must be"):
+        common.time_fn(lambda: None, "cpu", l2="hot")
+
+
+def test_gpu_timing_apis_exist() -> None:
+    """The CUDA-only calls common.py and train_bench.py make (not runnable here) exist with the arguments
+    they pass, in the installed torch and triton."""
+    import inspect
+
+    import torch
+    import triton.testing
+    from triton.backends.nvidia.driver import CudaDriver
+
+    assert {"warmup", "rep", "return_mode"} <= set(inspect.signature(triton.testing.do_bench).parameters)
+    assert {"rep", "return_mode"} <= set(inspect.signature(triton.testing.do_bench_cudagraph).parameters)
+    assert callable(CudaDriver.get_empty_cache_for_benchmark) and callable(CudaDriver.clear_cache)
+    assert callable(torch.cuda.CUDAGraph) and callable(torch.cuda.graph)
+    assert callable(torch.compiler.cudagraph_mark_step_begin)
+    assert hasattr(torch._dynamo.config, "optimize_ddp")
+
+
 def test_gpu_check_script_parses() -> None:
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
 
 
-def _gpu_check(**env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(BENCH / "gpu_check.sh")], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=120)
+def test_gpu_check_dry_run_runs_every_part(dry_run: dict[str, Any]) -> None:
+    """Every part ran in order and succeeded; the kernel part wrote its rows; pytest wrote a junit report."""
+    import tarfile
+    import xml.etree.ElementTree as ET
+
+    outcomes = json.loads((dry_run["folder"] / "gpu_check.json").read_text())["parts"]
+    assert [o["name"] for o in outcomes] == [p.name for p in gpu_check.PARTS]
+    assert all(o["status"] == "ok" and o["elapsed_s"] <= o["bound_s"] for o in outcomes), outcomes
+    kernel = json.loads((dry_run["folder"] / "kernel.json").read_text())
+    assert kernel["config"]["complete"] is True and kernel["config"]["torch_compile"] is False
+    parts = {r["part"]: r for r in kernel["results"]}
+    assert list(parts) == ["copy", "sanity", "forward", "backward", "front-end"]
+    assert all(r["status"] == "ok" for r in parts.values())
+    assert parts["sanity"]["torch_loss_rel_err_vs_fp64"] < 1e-5  # fp32 case against float64
+    assert parts["sanity"]["torch_grad_rel_err_vs_fp64"] < 1e-5
+    for name in ("copy", "forward", "backward", "front-end"):
+        r = parts[name]
+        assert _finite_positive(r["median_ms_warm_l2"]) and _finite_positive(r["host_ms_per_call"])
+        assert math.isclose(r["gbps_warm_l2"], r["bytes"] / r["median_ms_warm_l2"] / 1e6, rel_tol=1e-9)
+        assert r["median_ms_cold_l2"] is None and r["median_ms_graph"] is None  # CPU: not measured
+    assert "fastdist::dist_loss_fwd" in parts["forward"]["launched"]  # read from the profiler
+    assert "fastdist::dist_loss_bwd" in parts["backward"]["launched"]
+    suite = ET.parse(dry_run["folder"] / "pytest.xml").getroot()
+    assert suite.iter("testcase")  # the machine-readable report exists and parses
+    out = sorted(f.name for f in dry_run["out"].iterdir())
+    assert len(out) <= gpu_check.MAX_OUT_FILES and "results.tar.gz" in out and "kernel.json" in out
+    with tarfile.open(dry_run["out"] / "results.tar.gz") as tar:
+        packed = {Path(n).name for n in tar.getnames()}
+    assert {"env.json", "kernel.json", "pytest.xml", "loss.csv", "loss.json", "train.json",
+            "loader.json"} <= packed
 
 
-def test_gpu_check_refuses_a_plan_over_ten_minutes() -> None:
-    proc = _gpu_check(GPU_CHECK_DRY_RUN="1", LOSS_S="400")
-    assert proc.returncode == 2 and "more than TOTAL_S=600s" in proc.stderr
+def _part(marker: Path, seconds: float, limit_s: float, min_s: float) -> gpu_check.Part:
+    code = f"import pathlib, time; pathlib.Path({str(marker)!r}).write_text('x'); time.sleep({seconds})"
+    return gpu_check.Part("probe", limit_s, min_s, lambda ctx, _s: [ctx.py, "-c", code])
+
+
+def test_gpu_check_part_that_does_not_fit_is_skipped_never_started(tmp_path: Path) -> None:
+    ctx = gpu_check.Ctx(sys.executable, "cpu", tmp_path, dry_run=True)
+    log = gpu_check.Log(tmp_path, 100, True)
+    marker = tmp_path / "started"
+    reserve = gpu_check.REPORT_RESERVE_S + gpu_check.KILL_GRACE_S
+    assert gpu_check.part_bound(100, 50) == 50 - reserve and gpu_check.part_bound(10, 500) == 10
+    assert gpu_check.run_part(_part(marker, 0, 100, 20), ctx, left_s=reserve + 19, log=log)
+    assert not marker.exists()
+    (outcome,) = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert outcome["status"].startswith("skipped")
+    assert "not started" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_gpu_check_part_past_its_bound_is_killed(tmp_path: Path) -> None:
+    import time
+
+    ctx = gpu_check.Ctx(sys.executable, "cpu", tmp_path, dry_run=True)
+    log = gpu_check.Log(tmp_path, 100, True)
+    t0 = time.monotonic()
+    assert not gpu_check.run_part(_part(tmp_path / "started", 60, 2, 1), ctx, left_s=500, log=log)
+    assert time.monotonic() - t0 < 2 + gpu_check.KILL_GRACE_S + 5 and (tmp_path / "started").exists()
+    (outcome,) = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert outcome["status"].startswith("timed out") and outcome["bound_s"] == 2
+
+
+def test_gpu_check_tiny_deadline_starts_no_part(tmp_path: Path) -> None:
+    """With a deadline that leaves no part its minimum, every part is logged as skipped and none starts;
+    the report still runs and the files still reach $OUT."""
+    proc = _gpu_check("--dry-run", "--deadline", "30", "--base", str(tmp_path / "r"), OUT=str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (folder,) = (tmp_path / "r").glob("cpu-*")
+    outcomes = json.loads((folder / "gpu_check.json").read_text())["parts"]
+    assert [o["name"] for o in outcomes] == [p.name for p in gpu_check.PARTS]
+    assert all(o["status"].startswith("skipped") for o in outcomes)
+    assert not any((folder / f).exists() for f in ("kernel.json", "pytest.xml", "loss.json", "train.json"))
+    assert "== report" in proc.stdout and (tmp_path / "o" / "gpu_check.log").exists()
+
+
+def test_per_test_timeout_fails_the_slow_test_and_goes_on(tmp_path: Path) -> None:
+    (tmp_path / "test_probe.py").write_text(
+        "import time\n\ndef test_slow():\n    time.sleep(20)\n\ndef test_fast():\n    assert True\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(tmp_path), "-q", "-p", "no:cacheprovider",
+                           "-p", "pytest_per_test_timeout", "--per-test-timeout=1", "-p", "no:timeout"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert "1 failed, 1 passed" in proc.stdout and "over the per-test timeout of 1 s" in proc.stdout
+
+
+def test_sigterm_still_writes_the_junit_report(tmp_path: Path) -> None:
+    """A pytest part ended with SIGTERM (past its bound) still writes its summary and junit file."""
+    import signal
+    import time
+
+    (tmp_path / "test_probe.py").write_text(
+        "import time\n\ndef test_fast():\n    assert True\n\ndef test_slow():\n    time.sleep(30)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONUNBUFFERED": "1"}
+    xml = tmp_path / "pytest.xml"
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", str(tmp_path), "-v", "-p", "no:cacheprovider",
+                             "-p", "pytest_per_test_timeout", f"--junitxml={xml}", "-p", "no:timeout"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until the slow test runs
+        if "test_fast PASSED" in line:
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=30)[0]
+    assert "KeyboardInterrupt" in rest and "1 passed" in rest
+    assert 'name="test_fast"' in xml.read_text()
 
 
 def test_gpu_check_stops_without_results_folder(tmp_path: Path) -> None:
-    """When common.py cannot create the results folder, nothing runs and nothing is written elsewhere."""
+    """When env.py cannot create the results folder, nothing runs and nothing is written elsewhere."""
     blocker = tmp_path / "file"
     blocker.write_text("")
     proc = _gpu_check(GPU_CHECK_DRY_RUN="1", RESULTS_BASE=str(blocker / "sub"))
