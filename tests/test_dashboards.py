@@ -31,7 +31,6 @@ def test_scalars_by_hand() -> None:
 
 
 def test_tensorboard_event_files_beside_metrics(tmp_path) -> None:
-    pytest.importorskip("tensorboard", reason="the dashboards extra is not installed")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log = RunLogger(str(tmp_path), enabled=True, dashboards=Dashboards(str(tmp_path), True, None,
@@ -54,7 +53,6 @@ def test_tensorboard_event_files_beside_metrics(tmp_path) -> None:
 
 def test_disabled_logger_writes_nothing(tmp_path) -> None:
     """Ranks other than 0 get a disabled RunLogger: it drops the dashboards it is given."""
-    pytest.importorskip("tensorboard", reason="the dashboards extra is not installed")
     dash = Dashboards(str(tmp_path / "tb"), True, None)
     log = RunLogger(str(tmp_path / "log"), enabled=False, dashboards=dash)
     log.record("train", **TRAIN)
@@ -64,7 +62,6 @@ def test_disabled_logger_writes_nothing(tmp_path) -> None:
 
 
 def test_wandb_offline(tmp_path, monkeypatch) -> None:
-    pytest.importorskip("wandb", reason="the dashboards extra is not installed")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     dash = Dashboards(str(tmp_path), False, "fastdist-test", {"lr": 0.02}, NAMES)

@@ -41,7 +41,7 @@ def test_palette_by_hand() -> None:
 
 
 def test_examples_strip(tmp_path) -> None:
-    from fastdist.data.cityscapes import label_lut
+    from fastdist.data.cityscapes import PALETTE, label_lut
     from fastdist.models import build_model
 
     data = make_synthetic_cityscapes(tmp_path / "data", train=0, val=2, size=(32, 64))
@@ -60,6 +60,8 @@ def test_examples_strip(tmp_path) -> None:
     np.testing.assert_array_equal(image, np.asarray(Image.open(image_file).convert("RGB")))
     np.testing.assert_array_equal(truth, colorize(label_lut()[np.asarray(Image.open(label_file))]))
     assert prediction.shape == (32, 64, 3) and prediction.dtype == np.uint8
+    colours = {tuple(c) for c in prediction.reshape(-1, 3).tolist()}
+    assert colours <= {tuple(c) for c in np.asarray(PALETTE).tolist()}  # argmax classes in the palette
     _fake_run(tmp_path / "curves", kd=False)
     (tmp_path / "curves" / "config.json").write_text((run / "config.json").read_text())
     (tmp_path / "curves" / "psp_mobile_mobilenetv2_citys_best_model.pth").write_bytes(
