@@ -10,7 +10,7 @@ $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN) $(TRITON_PIN)
-	$(PY) -m pip install --quiet -e ".[dali,dev]" $(TORCH_PIN) $(TRITON_PIN)
+	$(PY) -m pip install --quiet -e ".[dali,dev,dashboards,export]" $(TORCH_PIN) $(TRITON_PIN)
 	touch $@
 
 install: $(VENV)/.installed

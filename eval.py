@@ -34,7 +34,10 @@ from fastdist.engine.evaluation import (
     to_device,
 )
 from fastdist.engine.finite import NonFiniteLogitsError
+from fastdist.engine.flops import format_model_cost, model_cost
+from fastdist.engine.logger import terminal_progress
 from fastdist.engine.metrics import format_iou_table
+from fastdist.engine.sliding import add_sliding_args, maybe_sliding
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", "-j", type=int, default=4, help="loader threads/workers")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward and rank")
     p.add_argument("--save-dir", default=None, help="write the results as JSON here")
+    add_sliding_args(p)
     return p.parse_args(argv)
 
 
@@ -65,12 +69,28 @@ def _validate(args: argparse.Namespace) -> None:
                                   f"{args.split}): there is nothing to score; predict.py writes predictions")
 
 
+def _input_size(args: argparse.Namespace, image_path: str) -> tuple[int, int]:
+    """The network input the model cost is quoted at: the window in slide mode, else the first image."""
+    if args.eval_mode == "slide" and args.crop_size:
+        return tuple(args.crop_size)
+    from PIL import Image
+
+    with Image.open(image_path) as img:  # reads the header only
+        return img.height, img.width
+
+
 def run(args: argparse.Namespace) -> dict:
     """Validate, load, evaluate on all ranks; print and save the results on the main rank."""
     from fastdist.data import build_loader, default_backend
 
     _validate(args)
     model = build_inference_model(args.model, args.backbone, args.pretrained, NUM_CLASSES)
+    pairs = list_pairs(args.data, args.split)
+    args.model_cost = model_cost({"model": model}, _input_size(args, pairs[0].image))
+    try:
+        model = maybe_sliding(model, args.eval_mode, args.crop_size, args.stride)
+    except ValueError as exc:
+        raise InferenceSetupError(str(exc)) from None
     env = setup_distributed(args.device)
     channels_last = env.device.type == "cuda" if args.channels_last is None else args.channels_last
     model = to_device(model, env.device, channels_last)
@@ -79,10 +99,16 @@ def run(args: argparse.Namespace) -> dict:
                           rank=env.rank, world_size=env.world_size, num_threads=args.workers,
                           channels_last=channels_last, augment=False,  # whole images, also for train
                           check_files=False)  # _validate ran check_dataset
+    if env.is_main:
+        print("model cost (FlopCounterMode):\n" + format_model_cost(args.model_cost))
+    bar = terminal_progress(len(pairs[env.rank :: env.world_size])) if env.is_main else None
     start = time.perf_counter()
     result = evaluate(model, loader, NUM_CLASSES, env.device, scales=tuple(args.scales),
                       flip=args.flip_eval, amp_dtype=amp_dtype_from_name(args.amp),
-                      source=f"checkpoint {args.pretrained}")
+                      source=f"checkpoint {args.pretrained}",
+                      progress=bar.update if bar else None)
+    if bar:
+        bar.clear()
     seconds = time.perf_counter() - start
     if env.is_main:
         _report(args, result, seconds, env.world_size)
@@ -101,6 +127,7 @@ def _report(args: argparse.Namespace, result: dict, seconds: float, world_size: 
         save_results_json(result, path, CLASS_NAMES, model=args.model, backbone=args.backbone,
                           checkpoint=os.path.abspath(args.pretrained), split=args.split,
                           scales=list(args.scales), flip=args.flip_eval, world_size=world_size,
+                          eval_mode=args.eval_mode, model_cost=args.model_cost,
                           seconds=round(seconds, 3))
         print(f"results written to {path}")
 

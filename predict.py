@@ -38,6 +38,7 @@ from fastdist.engine.evaluation import (
     to_device,
 )
 from fastdist.engine.finite import NonFiniteLogitsError
+from fastdist.engine.logger import terminal_progress
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,11 +62,15 @@ def run(args: argparse.Namespace) -> int:
     channels_last = env.device.type == "cuda" if args.channels_last is None else args.channels_last
     model = to_device(model, env.device, channels_last)
     shard = [pair.image for pair in pairs[env.rank :: env.world_size]]
+    bar = terminal_progress(len(shard)) if env.is_main else None
     start = time.perf_counter()
     written = predict_images(model, shard, args.save_dir, env.device, scales=tuple(args.scales),
                              flip=args.flip_eval, amp_dtype=amp_dtype, color=not args.no_color,
                              channels_last=channels_last, workers=args.workers,
-                             source=f"checkpoint {args.pretrained}")
+                             source=f"checkpoint {args.pretrained}",
+                             progress=bar.update if bar else None)
+    if bar:
+        bar.clear()
     barrier()
     if env.is_main:
         print(f"{len(pairs)} {args.split} predictions written to {args.save_dir} by {env.world_size} rank(s) "

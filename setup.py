@@ -17,5 +17,9 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "dev": ["pytest", "pytest-timeout", "ruff", "matplotlib"],
+        # --tensorboard / --wandb (fastdist.engine.dashboards)
+        "dashboards": ["tensorboard", "wandb"],
+        # export.py: torch's dynamo ONNX exporter needs onnxscript; onnxruntime checks the graph
+        "export": ["onnx", "onnxruntime", "onnxscript"],
     },
 )

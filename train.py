@@ -32,7 +32,9 @@ from fastdist.engine.config import (
     save_config,
     validation_precision,
 )
+from fastdist.engine.dashboards import open_dashboards
 from fastdist.engine.distributed import DistEnv, barrier, cleanup_distributed, exit_process, setup_distributed
+from fastdist.engine.flops import log_model_cost
 from fastdist.engine.kd import (
     DistillationLoss,
     ModelLoadError,
@@ -86,7 +88,7 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
             removed = ckpt.remove_earlier_run(cfg.save_dir, cfg.log_dir)
         save_config(cfg, cfg.save_dir)
     log = RunLogger(cfg.log_dir, env.is_main, progress_total=cfg.stop_at or cfg.max_iterations,
-                    progress_start=start)
+                    progress_start=start, dashboards=open_dashboards(cfg, env.is_main))
     log.info(f"fastdist train: {cfg.command}\n  device {env.device} x {env.world_size}, amp {cfg.amp} "
              f"(validation {validation_precision(cfg)}), "
              f"channels_last {cfg.channels_last}, compile {cfg.compile}, loader {cfg.loader}, "
@@ -104,6 +106,8 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
         log.info(f"resuming from {cfg.resume} at iteration {start}")
 
     drop_unused_teacher_heads(teacher, student)
+    if env.is_main:
+        log_model_cost(log, {"student": student, "teacher": teacher}, cfg.crop_size)
     net = prepare_student(student, env.device, env.world_size, cfg.channels_last, cfg.compile)
     teacher_net = prepare_teacher(teacher, env.device, cfg.channels_last, cfg.compile)
     criterion = DistillationLoss(cfg.lambda_kd, cfg.kd_temperature, cfg.kd_beta, cfg.kd_gamma,

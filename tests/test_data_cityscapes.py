@@ -405,7 +405,8 @@ def test_16_bit_image_refused(tmp_path: Path, kind: str) -> None:
     else:  # 16-bit RGB: PIL opens it as mode RGB, only the PNG header says 16 bits
         rows = b"".join(b"\x00" + np.full((32, 3), 1000, ">u2").tobytes() for _ in range(16))
         header = (32).to_bytes(4, "big") + (16).to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
-        Path(bad).write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows))
+        idat = _chunk(b"IDAT", zlib.compress(rows))
+        Path(bad).write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + idat
                               + _chunk(b"IEND", b""))  # fmt: skip
         assert Image.open(bad).mode == "RGB"
     with pytest.raises(DatasetError, match="16-bit image") as err:

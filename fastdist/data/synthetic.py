@@ -1,10 +1,12 @@
 """Synthetic Cityscapes: a complete Cityscapes-format tree whose images are learnable from labels.
 
-Each label map is a street-like layout (sky band, buildings, road, sidewalk) overlaid with random
-ellipses, rectangles and polygons of random classes, stored as Cityscapes *labelIds* (including ids
-that map to the ignore index: 0 unlabeled, 1 ego vehicle, 4 static).  Each image paints every label
-id with its own base colour and its own texture (stripes of a class-dependent orientation and
-period) plus pixel noise, so a segmentation model can really learn the mapping.
+Each label map is a street-like layout (sky band, buildings, road, sidewalk) overlaid with large
+random ellipses and rectangles of random classes, stored as Cityscapes *labelIds*
+(including ids that map to the ignore index: 0 unlabeled, 1 ego vehicle, 4 static).  Each image
+paints every label id with its own base colour (drawn without repetition from a 5x5x5 grid, so two
+classes differ by at least 50 in some channel) and its own texture (stripes of a class-dependent
+orientation and period) plus pixel noise, so a small model learns the mapping in a few hundred
+iterations (``make demo``).
 
     python -m fastdist.data.synthetic OUT --train 32 --val 8 --size 256 512
 
@@ -39,9 +41,11 @@ _NUM_TEXTURES = 8
 def _class_tables(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per label id: base colour (256, 3), texture index (256,), texture amplitude (256,)."""
     rng = np.random.default_rng([seed, 7919])
-    colours = rng.integers(20, 236, size=(256, 3)).astype(np.int16)
+    levels = np.linspace(28, 228, 5).astype(np.int16)  # 50 apart: well above texture + noise
+    grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+    colours = np.resize(grid[rng.permutation(len(grid))], (256, 3)).astype(np.int16)
     texture = rng.integers(0, _NUM_TEXTURES, size=256)
-    amplitude = rng.integers(8, 28, size=256).astype(np.int16)
+    amplitude = rng.integers(6, 13, size=256).astype(np.int16)
     return colours, texture, amplitude
 
 
@@ -68,22 +72,14 @@ def synth_label(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     draw.rectangle([0, horizon, width, height], fill=7)  # road
     draw.polygon([(0, horizon), (width // 4, horizon), (0, height)], fill=8)  # sidewalk
     draw.rectangle([0, int(height * 0.93), width, height], fill=int(rng.choice([1, 7])))  # ego / road
-    for _ in range(int(rng.integers(6, 15))):
+    for _ in range(int(rng.integers(5, 10))):
         label = int(rng.choice(SHAPE_IDS))
-        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-        w, h = (
-            int(rng.integers(width // 20 + 1, width // 4 + 2)),
-            int(rng.integers(height // 20 + 1, height // 3 + 2)),
-        )
-        box = [x0, y0, x0 + w, y0 + h]
-        kind = int(rng.integers(0, 3))
-        if kind == 0:
-            draw.ellipse(box, fill=label)
-        elif kind == 1:
-            draw.rectangle(box, fill=label)
+        x0, y0 = int(rng.integers(-width // 10, width)), int(rng.integers(-height // 10, height))
+        w, h = int(rng.integers(width // 6, width // 3 + 1)), int(rng.integers(height // 5, height // 2 + 1))
+        if rng.random() < 0.5:
+            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=label)
         else:
-            pts = [(int(rng.integers(x0, x0 + w + 1)), int(rng.integers(y0, y0 + h + 1))) for _ in range(5)]
-            draw.polygon(pts, fill=label)
+            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=label)
     if rng.random() < 0.5:  # a patch of 'unlabeled'
         x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
         draw.rectangle([x0, y0, x0 + width // 10, y0 + height // 10], fill=0)
@@ -96,7 +92,7 @@ def render_image(label: np.ndarray, rng: np.random.Generator, seed: int = 0) -> 
     patterns = _textures(*label.shape)
     tex = np.take_along_axis(patterns, texture[label][None].astype(np.intp), axis=0)[0]
     img = colours[label] + (amplitude[label] * tex)[..., None]
-    img += rng.integers(-12, 13, size=img.shape, dtype=np.int16)
+    img += rng.integers(-8, 9, size=img.shape, dtype=np.int16)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from fastdist.data import DALI_HINT, dali_available, default_backend
+from fastdist.engine.dashboards import add_dashboard_args, check_dashboards
+from fastdist.engine.sliding import add_sliding_args, check_sliding_args
 
 __all__ = ["ConfigError", "NON_FINITE_HINT", "RECIPE_KEYS", "build_parser", "check_resume_compatible",
            "check_writable_dir", "config_dict", "finite_nonneg", "finite_positive", "finite_scale",
@@ -171,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "are deleted first)")
     g.add_argument("--log-dir", default=None, help="text and JSON-lines logs (default: the save dir)")
     g.add_argument("--log-iter", type=_positive_int, default=10)
+    add_dashboard_args(g)
     g.add_argument("--val-per-iters", type=_positive_int, default=400)
     g.add_argument("--save-per-iters", type=_positive_int, default=400)
     g.add_argument("--skip-val", action="store_true")
     g.add_argument("--val-amp", action="store_true",
                    help="validate under the training autocast (--amp); default fp32, the reference metric "
                    "that picks best.pth")
+    add_sliding_args(g, crop_flag=None, stride_flag="--eval-stride")  # validation windows of --crop-size
     g.add_argument("--stop-at", type=_positive_int, default=None,
                    help="save and stop after this iteration, keeping the --max-iterations schedule "
                    "(for time-limited jobs; continue with --resume)")
@@ -267,6 +271,14 @@ def _check_numbers(cfg: argparse.Namespace) -> None:
         _check_triton(cfg.device_type)
     if cfg.loader == "dali" and not dali_available():
         raise ConfigError(f"--loader dali: {DALI_HINT}")
+    try:
+        check_sliding_args(cfg.eval_mode, cfg.crop_size, cfg.eval_stride)
+    except ValueError as err:
+        raise ConfigError(f"validation windows: {err}") from None
+    try:
+        check_dashboards(cfg.tensorboard, cfg.wandb)
+    except RuntimeError as err:
+        raise ConfigError(str(err)) from None
     if cfg.optimizer == "apex" and (cfg.device_type != "cuda" or importlib.util.find_spec("apex") is None):
         raise ConfigError("--optimizer apex needs a GPU and NVIDIA apex with its CUDA extensions "
                           "(https://github.com/NVIDIA/apex#installation); --optimizer sgd uses torch's fused "

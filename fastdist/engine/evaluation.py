@@ -19,7 +19,7 @@ import json
 import math
 import os
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -143,6 +143,7 @@ def evaluate(
     amp_dtype: torch.dtype | None = None,
     ignore_index: int = 255,
     source: str = "the model",
+    progress: Callable[[int], None] | None = None,
 ) -> dict:
     """Evaluate ``model`` on ``loader`` (this rank's shard) and return metrics over all ranks.
 
@@ -170,6 +171,8 @@ def evaluate(
                 bad_batches += (~torch.isfinite(logits)).any()
                 cm.update(logits.argmax(1), labels)
                 images_seen += labels.shape[0]
+                if progress is not None:  # images done on this rank (a host count, no sync)
+                    progress(images_seen)
     finally:
         model.train(was_training)
     bad = _all_reduce_count(int(bad_batches.item()), device)
@@ -364,6 +367,7 @@ def predict_images(
     channels_last: bool = False,
     workers: int = 4,
     source: str = "the model",
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Predict every image of ``image_paths`` (this rank's shard) and write its PNGs; returns the count.
 
@@ -394,6 +398,8 @@ def predict_images(
                                       lut, palette))
             while len(writes) > window:
                 writes.popleft().result()
+            if progress is not None:
+                progress(i + 1)
         for fut in writes:
             fut.result()
     return len(image_paths)

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-__all__ = ["ProgressBar", "RunLogger", "format_duration"]
+__all__ = ["ProgressBar", "RunLogger", "format_duration", "terminal_progress"]
 
 
 def format_duration(seconds: float) -> str:
@@ -29,8 +29,9 @@ def format_duration(seconds: float) -> str:
 class ProgressBar:
     """A one-line ``\\r`` progress bar, redrawn at most every ``interval`` seconds (host time only)."""
 
-    def __init__(self, total: int, stream: TextIO, start: int = 0, interval: float = 0.5) -> None:
-        self.total, self.stream, self.interval = total, stream, interval
+    def __init__(self, total: int, stream: TextIO, start: int = 0, interval: float = 0.5,
+                 unit: str = "it") -> None:
+        self.total, self.stream, self.interval, self.unit = total, stream, interval, unit
         self.start_it = start
         self.start_time: float | None = None  # the clock starts at the first update
         self._last_draw = 0.0
@@ -48,7 +49,7 @@ class ProgressBar:
         eta = (self.total - iteration) / rate if rate > 0 else math.inf
         frac = iteration / self.total
         bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        self._text = f"[{bar}] {iteration}/{self.total} {rate:.2f} it/s eta {format_duration(eta)}"
+        self._text = f"[{bar}] {iteration}/{self.total} {rate:.2f} {self.unit}/s eta {format_duration(eta)}"
         self.stream.write("\r" + self._text + "\x1b[K")
         self.stream.flush()
 
@@ -63,12 +64,18 @@ class ProgressBar:
             self.stream.flush()
 
 
+def terminal_progress(total: int, unit: str = "img") -> ProgressBar | None:
+    """A `ProgressBar` on stderr when it is a terminal (eval.py, predict.py), else None."""
+    return ProgressBar(total, sys.stderr, unit=unit) if sys.stderr.isatty() else None
+
+
 class RunLogger:
     """Console + ``train.log`` + ``metrics.jsonl`` on rank 0; silent elsewhere."""
 
     def __init__(self, log_dir: str, enabled: bool, progress_total: int | None = None,
-                 progress_start: int = 0) -> None:
+                 progress_start: int = 0, dashboards: Any = None) -> None:
         self.enabled = enabled
+        self._dashboards = dashboards if enabled else None  # fastdist.engine.dashboards.Dashboards
         self._jsonl: TextIO | None = None
         self._bar: ProgressBar | None = None
         self._log = logging.getLogger("fastdist.train")
@@ -105,6 +112,8 @@ class RunLogger:
         """One JSON line: ``{"kind": kind, "time": unix seconds, **fields}``."""
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **fields}) + "\n")
+        if self._dashboards is not None:
+            self._dashboards.record(kind, fields)
 
     def progress(self, iteration: int) -> None:
         if self._bar:
@@ -113,6 +122,9 @@ class RunLogger:
     def close(self) -> None:
         if self._bar:
             self._bar.clear()
+        if self._dashboards is not None:
+            self._dashboards.close()
+            self._dashboards = None
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None

@@ -44,6 +44,7 @@ from fastdist.engine.logger import RunLogger, format_duration
 from fastdist.engine.metrics import format_iou_table
 from fastdist.engine.schedule import poly_lr, set_lr
 from fastdist.engine.signals import PreemptionHandler
+from fastdist.engine.sliding import maybe_sliding
 
 __all__ = ["AMP_DTYPES", "SyncResult", "Trainer", "build_optimizer", "build_scaler", "configure_backends",
            "seed_everything"]
@@ -330,7 +331,9 @@ class Trainer:
         t0 = time.perf_counter()
         precision = validation_precision(self.cfg)  # fp32 unless --val-amp: best.pth on the reference metric
         with self._fork_rng():
-            res = evaluate(self.student_module, self.val_loader, NUM_CLASSES, self.env.device,
+            cfg = self.cfg
+            net = maybe_sliding(self.student_module, cfg.eval_mode, cfg.crop_size, cfg.eval_stride)
+            res = evaluate(net, self.val_loader, NUM_CLASSES, self.env.device,
                            amp_dtype=AMP_DTYPES.get(precision), source=f"the student at iteration {it}")
         miou, acc = res["mIoU"], res["pixAcc"]
         is_best = self.best_miou is None or miou > self.best_miou
