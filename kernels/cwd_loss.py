@@ -34,7 +34,7 @@ __all__ = ["MAX_BLOCK", "cwd_forward_backward", "report_specs", "program_plan", 
 MAX_BLOCK = 8192  # positions of a plane held in registers by one program
 _MAX_ELEMS = 2**31 - 2**20  # element offsets are int64, plane / position indices int32
 _TRITON_TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-_NEG = -3.0e38  # finite "minus infinity" for running maxima: exp(_NEG - _NEG) = 1, never NaN
+_NEG = tl.constexpr(-3.0e38)  # finite "minus infinity" for running maxima: exp(_NEG - _NEG) = 1, never NaN
 
 
 def block_params(P: int) -> dict:
