@@ -64,7 +64,7 @@ LOSSES = {"kd": (fastdist.kd_loss, kd64), "cwd": (fastdist.cwd_loss, cwd64)}
 
 def _make(shape, dtype, layout, scale=3.0, seed=0):
     g = torch.Generator().manual_seed(seed)
-    s, t = (scale * torch.randn(shape, generator=g)).to(dtype), (scale * torch.randn(shape, generator=g)).to(dtype)
+    s, t = ((scale * torch.randn(shape, generator=g)).to(dtype) for _ in range(2))
     if layout == "nhwc":
         s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
     return s.requires_grad_(), t.requires_grad_()
@@ -107,7 +107,8 @@ CASES = [
 def test_parity(name, case, backend):
     shape, layout, dtype, tau, masked = case
     s, t = _make(shape, dtype, layout)
-    mask = (torch.rand(shape[0], *shape[2:], generator=torch.Generator().manual_seed(1)) < 0.7) if masked else None
+    g = torch.Generator().manual_seed(1)
+    mask = (torch.rand(shape[0], *shape[2:], generator=g) < 0.7) if masked else None
     _check(name, backend, s, t, tau, mask)
 
 
@@ -125,7 +126,8 @@ def test_kd_2d_input(backend, dtype):
 def test_edge_cases(name, backend):
     # one-hot-like logits, |x| ~ 1e4 (probabilities underflow to exactly 0), C = 2
     def hot(shift):
-        return 30.0 * torch.nn.functional.one_hot((torch.arange(12) + shift) % 3, 3).T.float().reshape(1, 3, 3, 4)
+        labels = (torch.arange(12) + shift) % 3
+        return 30.0 * torch.nn.functional.one_hot(labels, 3).T.float().reshape(1, 3, 3, 4)
 
     s, t = hot(1).requires_grad_(), hot(0).requires_grad_()
     _check(name, backend, s, t, 1.0, None)
@@ -231,7 +233,8 @@ def test_validation_matches_dist_loss(name):
 
 def test_modules_and_defaults():
     s, t = _make((2, 4, 3, 3), torch.float32, "nchw")
-    assert torch.equal(fastdist.KDLoss(tau=2.0, backend="torch")(s, t), fastdist.kd_loss(s, t, 2.0, backend="torch"))
+    kd = fastdist.KDLoss(tau=2.0, backend="torch")
+    assert torch.equal(kd(s, t), fastdist.kd_loss(s, t, 2.0, backend="torch"))
     assert torch.equal(fastdist.CWDLoss(backend="torch")(s, t), fastdist.cwd_loss(s, t, 4.0, backend="torch"))
     assert "tau=4.0" in repr(fastdist.CWDLoss())
     with pytest.raises(ValueError, match="tau must be > 0"):
