@@ -18,7 +18,8 @@ Beyond, a two-pass fallback: pass 1 walks the plane in BLOCK chunks with an onli
 log-sum-exp of both planes and the running sum_i e^(y_i - m_t) (y_i - x_i), pass 2 re-reads it and
 writes the gradients. The gradient is written for grad_out = 1; the autograd backward multiplies it.
 
-Memory access: element (b, c, i) at b*stride_b + c*stride_c + i*stride_p: NCHW reads a plane
+Memory access: element (b, c, i) at b*stride_b + c*stride_c + i*stride_p (int32 arithmetic: the
+launcher requires fewer than 2^31 - 2^20 elements): NCHW reads a plane
 contiguously (stride_p = 1), channels-last with stride C. Each plane writes its own KL; the launcher
 sums them in fp64 (deterministic: no atomics, the reduction order depends on the shape only).
 """
@@ -44,19 +45,22 @@ def block_params(P: int) -> dict:
     the two-pass fallback compiles once per plane size; the one-pass case (P <= MAX_BLOCK) does not
     depend on P beyond BLOCK."""
     block = min(MAX_BLOCK, triton.next_power_of_2(max(P, 2)))
-    return {"BLOCK": block, "NUM_BLOCKS": triton.cdiv(P, block), "num_warps": min(16, max(4, block // 512))}
+    # maxnreg 128 (= 64K registers / 512 threads of 16 warps): without it ptxas (CUDA 12.8, sm_90)
+    # capped the 8192-position no-gradient variant below that and spilled 8 bytes
+    return {"BLOCK": block, "NUM_BLOCKS": triton.cdiv(P, block), "num_warps": min(16, max(4, block // 512)),
+            "maxnreg": 128}
 
 
 @triton.jit
 def _load_plane(
     ptr,  # logits base pointer
-    base,  # int64 element offset of the plane (b*stride_b + c*stride_c)
+    base,  # int32 element offset of the plane (b*stride_b + c*stride_c)
     pos,  # [BLOCK] int32 positions
     ok,  # [BLOCK] bool: position < P and kept by the mask
     stride_p,  # element stride between positions
     tau,  # temperature
 ):
-    v = tl.load(ptr + base + pos.to(tl.int64) * stride_p, mask=ok, other=0.0).to(tl.float32) / tau
+    v = tl.load(ptr + base + pos * stride_p, mask=ok, other=0.0).to(tl.float32) / tau
     return tl.where(ok, v, float("-inf"))  # [BLOCK] removed positions get probability exactly 0
 
 
@@ -64,7 +68,7 @@ def _load_plane(
 def _kept(m_ptr, b, P, pos, in_plane, HAS_MASK: tl.constexpr):
     """[BLOCK] bool: position inside the plane and (with a mask) kept; mask is (B, P) uint8 contiguous."""
     if HAS_MASK:
-        return in_plane & (tl.load(m_ptr + b.to(tl.int64) * P + pos, mask=in_plane, other=0) != 0)
+        return in_plane & (tl.load(m_ptr + b * P + pos, mask=in_plane, other=0) != 0)
     return in_plane
 
 
@@ -77,10 +81,10 @@ def _store_grads(
     phi_t = tl.where(ok, tl.exp(log_t), 0.0)  # [BLOCK]
     if NEED_S:
         ds = tl.where(ok, scale * (tl.exp(log_s) - phi_t), 0.0)  # [BLOCK]
-        tl.store(ds_ptr + s_base + pos.to(tl.int64) * s_sp, ds.to(ds_ptr.dtype.element_ty), mask=in_plane)
+        tl.store(ds_ptr + s_base + pos * s_sp, ds.to(ds_ptr.dtype.element_ty), mask=in_plane)
     if NEED_T:
         dt = tl.where(ok, scale * phi_t * (log_t - log_s - kl), 0.0)  # [BLOCK]
-        tl.store(dt_ptr + t_base + pos.to(tl.int64) * t_sp, dt.to(dt_ptr.dtype.element_ty), mask=in_plane)
+        tl.store(dt_ptr + t_base + pos * t_sp, dt.to(dt_ptr.dtype.element_ty), mask=in_plane)
 
 
 @triton.jit
@@ -106,8 +110,10 @@ def _cwd_fwd_bwd_kernel(
     plane = tl.program_id(0)
     b = plane // C
     c = plane - b * C
-    s_base = b.to(tl.int64) * s_sb + c.to(tl.int64) * s_sc
-    t_base = b.to(tl.int64) * t_sb + c.to(tl.int64) * t_sc
+    # int32 offsets: the launcher checks numel < 2^31 - 2^20, and 64-bit address vectors would cost
+    # twice the registers of the [BLOCK] tiles (the 8192-position one-pass plane spilled with them)
+    s_base = b * s_sb + c * s_sc
+    t_base = b * t_sb + c * t_sc
     offs = tl.arange(0, BLOCK)  # [BLOCK]
     if NUM_BLOCKS == 1:
         in_plane = offs < P  # [BLOCK]
@@ -187,8 +193,8 @@ def cwd_forward_backward(
                          f"on {student.device} and {tuple(teacher.shape)} on {teacher.device}")
     B, C, H, W = student.shape
     if student.numel() >= _MAX_ELEMS:
-        raise ValueError(f"fused CWD kernel indexes planes in int32: {student.numel()} elements must be < "
-                         f"{_MAX_ELEMS}")
+        raise ValueError(f"fused CWD kernel addresses elements in int32: {student.numel()} elements must "
+                         f"be < {_MAX_ELEMS}")
     bp = block_params(H * W)
     dev = student.device
     kl = torch.empty(B * C, dtype=torch.float32, device=dev)
@@ -200,7 +206,7 @@ def cwd_forward_backward(
         ds if ds is not None else kl, dt if dt is not None else kl,
         C, H * W, *_plane_strides(student), *_plane_strides(teacher), float(tau), float(tau) / (B * C),
         BLOCK=bp["BLOCK"], NUM_BLOCKS=bp["NUM_BLOCKS"], HAS_MASK=m_arg is not None,
-        NEED_S=need_student, NEED_T=need_teacher, num_warps=bp["num_warps"],
+        NEED_S=need_student, NEED_T=need_teacher, num_warps=bp["num_warps"], maxnreg=bp["maxnreg"],
     )
     loss = kl.double().sum() * (tau * tau / (B * C))
     return loss.float(), ds, dt
@@ -230,7 +236,7 @@ def _spec(P: int, s_dt: torch.dtype, t_dt: torch.dtype, layout: str, has_mask: b
     return {"name": f"cwd.fwd_bwd[P={P},{layout},mask={has_mask},dS={need_s},dT={need_t}]",
             "fn": _cwd_fwd_bwd_kernel, "signature": sig, "constexprs": const,
             "attrs": {(i,): [["tt.divisibility", 16]] for i in hinted},
-            "num_warps": bp["num_warps"], "num_stages": 1, "maxnreg": None,
+            "num_warps": bp["num_warps"], "num_stages": 1, "maxnreg": bp["maxnreg"],
             "loss": "cwd", "kernel": "fwd_bwd", "layout": layout, "C": C, "dtype": str(s_dt).split(".")[-1]}
 
 

@@ -52,7 +52,8 @@ def _spills(sp: dict, arch: int) -> list[tuple[int, int]]:
 
     src = triton.compiler.ASTSource(sp["fn"], sp["signature"], sp["constexprs"], sp["attrs"])
     kern = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": sp["num_warps"], "num_stages": sp["num_stages"]})
+                          options={"num_warps": sp["num_warps"], "num_stages": sp["num_stages"],
+                                   "maxnreg": sp["maxnreg"]})
     ptx = kern.asm["ptx"]
     gpu = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
