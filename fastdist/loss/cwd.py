@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import api
-from .kd import or_empty, triton_kernels
+from . import api, local_op
 from .stats import output_dtype
 
 
@@ -76,39 +75,8 @@ def _torch_forward_backward(student: Tensor, teacher: Tensor, tau: float, mask: 
     return loss, ds, dt
 
 
-@torch.library.custom_op("fastdist::cwd_loss_fwd", mutates_args=())
-def cwd_loss_fwd(student: Tensor, teacher: Tensor, mask: Tensor | None, tau: float, backend: str,
-                 need_s: bool, need_t: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss 0-d, dS for grad_out = 1 or empty (0,), dT or empty (0,))."""
-    if backend == "torch":
-        loss, ds, dt = _torch_forward_backward(student, teacher, tau, mask, need_s, need_t)
-    else:
-        kernels = triton_kernels("cwd_loss", student.device)
-        loss, ds, dt = kernels.cwd_forward_backward(student, teacher, tau, mask, need_s, need_t)
-    return loss.to(output_dtype(student, teacher)), or_empty(ds, student), or_empty(dt, teacher)
-
-
-@cwd_loss_fwd.register_fake
-def _fwd_fake(student: Tensor, teacher: Tensor, mask: Tensor | None, tau: float, backend: str,
-              need_s: bool, need_t: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return (student.new_empty((), dtype=output_dtype(student, teacher)),
-            torch.empty_like(student) if need_s else student.new_empty(0),
-            torch.empty_like(teacher) if need_t else teacher.new_empty(0))
-
-
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    ctx.save_for_backward(output[1], output[2])
-
-
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, _gs: Tensor, _gt: Tensor) -> tuple:
-    ds, dt = ctx.saved_tensors
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    d_s = ds * grad_loss.to(ds.dtype) if need_s else None
-    d_t = dt * grad_loss.to(dt.dtype) if need_t else None
-    return d_s, d_t, None, None, None, None, None
-
-
-cwd_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+cwd_loss_fwd = local_op.local_loss_op("cwd_loss_fwd", _torch_forward_backward, "cwd_loss",
+                                      "cwd_forward_backward")
 
 
 def cwd_loss(student: Tensor, teacher: Tensor, tau: float = 4.0, mask: Tensor | None = None,
@@ -122,21 +90,8 @@ def cwd_loss(student: Tensor, teacher: Tensor, tau: float = 4.0, mask: Tensor | 
             from every channel's spatial softmax; a plane without kept positions contributes 0.
         backend: "auto" | "triton" | "torch" | "reference".
     """
-    api._check_params(tau, backend)
-    api._check_inputs(student, teacher)
-    _check_4d(student)
-    if mask is not None:
-        mask = api._check_mask(mask, student)
-    backend = api._resolve_backend(backend, student, teacher)
-    if backend == "reference":
-        return cwd_loss_reference(student, teacher, tau, mask)
-    if backend == "triton" and torch.float64 in (student.dtype, teacher.dtype):
-        raise ValueError("backend='triton' supports float32, float16 and bfloat16 inputs, not float64")
-    grad_on = torch.is_grad_enabled()
-    need_s, need_t = grad_on and student.requires_grad, grad_on and teacher.requires_grad
-    student, teacher = api._dense(student), api._dense(teacher)
-    loss, _, _ = cwd_loss_fwd(student, teacher, mask, float(tau), backend, need_s, need_t)
-    return loss
+    return local_op.run(cwd_loss_fwd, cwd_loss_reference, student, teacher, tau, mask, backend,
+                        check=_check_4d)
 
 
 class CWDLoss(nn.Module):

@@ -13,31 +13,12 @@ pass computing the loss and the gradients, kept for the backward: ``kernels/kd_l
 (triton on CUDA when available, else torch). Validation is ``dist_loss``'s (``api``).
 """
 
-import importlib
-import os
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import api
+from . import api, local_op
 from .stats import output_dtype
-
-
-def triton_kernels(name: str, device: torch.device) -> ModuleType:
-    """``kernels.<name>`` (lazily: triton is optional), after checking that it can run on ``device``."""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "backend='triton' on CPU tensors needs the Triton interpreter (set TRITON_INTERPRET=1 before "
-            "triton is imported); use backend='torch' or 'auto' for CPU tensors"
-        )
-    return importlib.import_module(f"kernels.{name}")
-
-
-def or_empty(grad: Tensor | None, like: Tensor) -> Tensor:
-    """A custom op cannot return None: an empty (0,) tensor stands for "not computed"."""
-    return like.new_empty(0) if grad is None else grad
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -82,39 +63,7 @@ def _torch_forward_backward(student: Tensor, teacher: Tensor, tau: float, mask: 
     return loss, ds, dt
 
 
-@torch.library.custom_op("fastdist::kd_loss_fwd", mutates_args=())
-def kd_loss_fwd(student: Tensor, teacher: Tensor, mask: Tensor | None, tau: float, backend: str,
-                need_s: bool, need_t: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss 0-d, dS for grad_out = 1 or empty (0,), dT or empty (0,))."""
-    if backend == "torch":
-        loss, ds, dt = _torch_forward_backward(student, teacher, tau, mask, need_s, need_t)
-    else:
-        kernels = triton_kernels("kd_loss", student.device)
-        loss, ds, dt = kernels.kd_forward_backward(student, teacher, tau, mask, need_s, need_t)
-    return loss.to(output_dtype(student, teacher)), or_empty(ds, student), or_empty(dt, teacher)
-
-
-@kd_loss_fwd.register_fake
-def _fwd_fake(student: Tensor, teacher: Tensor, mask: Tensor | None, tau: float, backend: str,
-              need_s: bool, need_t: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return (student.new_empty((), dtype=output_dtype(student, teacher)),
-            torch.empty_like(student) if need_s else student.new_empty(0),
-            torch.empty_like(teacher) if need_t else teacher.new_empty(0))
-
-
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    ctx.save_for_backward(output[1], output[2])
-
-
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, _gs: Tensor, _gt: Tensor) -> tuple:
-    ds, dt = ctx.saved_tensors
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    d_s = ds * grad_loss.to(ds.dtype) if need_s else None
-    d_t = dt * grad_loss.to(dt.dtype) if need_t else None
-    return d_s, d_t, None, None, None, None, None
-
-
-kd_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+kd_loss_fwd = local_op.local_loss_op("kd_loss_fwd", _torch_forward_backward, "kd_loss", "kd_forward_backward")
 
 
 def kd_loss(student: Tensor, teacher: Tensor, tau: float = 1.0, mask: Tensor | None = None,
@@ -128,20 +77,7 @@ def kd_loss(student: Tensor, teacher: Tensor, tau: float = 1.0, mask: Tensor | N
             excluded rows do not reach the loss and get zero gradient; no kept row gives 0.
         backend: "auto" | "triton" | "torch" | "reference".
     """
-    api._check_params(tau, backend)
-    api._check_inputs(student, teacher)
-    if mask is not None:
-        mask = api._check_mask(mask, student)
-    backend = api._resolve_backend(backend, student, teacher)
-    if backend == "reference":
-        return kd_loss_reference(student, teacher, tau, mask)
-    if backend == "triton" and torch.float64 in (student.dtype, teacher.dtype):
-        raise ValueError("backend='triton' supports float32, float16 and bfloat16 inputs, not float64")
-    grad_on = torch.is_grad_enabled()
-    need_s, need_t = grad_on and student.requires_grad, grad_on and teacher.requires_grad
-    student, teacher = api._dense(student), api._dense(teacher)
-    loss, _, _ = kd_loss_fwd(student, teacher, mask, float(tau), backend, need_s, need_t)
-    return loss
+    return local_op.run(kd_loss_fwd, kd_loss_reference, student, teacher, tau, mask, backend)
 
 
 class KDLoss(nn.Module):
