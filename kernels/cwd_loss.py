@@ -229,8 +229,14 @@ def _spec(P: int, s_dt: torch.dtype, t_dt: torch.dtype, layout: str, has_mask: b
            "C": "i32", "P": "i32",
            "s_sb": "i32", "s_sc": "i32", "s_sp": "i32", "t_sb": "i32", "t_sc": "i32", "t_sp": "i32",
            "tau": "fp32", "scale": "fp32", **{k: "constexpr" for k in const}}
-    # pointers of torch allocations, and the image strides (C * P) when P % 16 == 0, are 16-divisible
-    div16 = {"s_sb", "t_sb", "P"} if P % 16 == 0 else set()
+    # what Triton finds divisible by 16 at run time: pointers of torch allocations; with P % 16 == 0
+    # P, the image strides (C * P) and the NCHW channel strides (P); with C % 16 == 0 C and the
+    # channels-last position strides (C)
+    div16 = set()
+    if P % 16 == 0:
+        div16 |= {"s_sb", "t_sb", "P"} | ({"s_sc", "t_sc"} if layout == "nchw" else set())
+    if C % 16 == 0:
+        div16 |= {"C"} | ({"s_sp", "t_sp"} if layout == "nhwc" else set())
     hinted = [i for i, a in enumerate(_cwd_fwd_bwd_kernel.arg_names)
               if sig[a] != "constexpr" and (sig[a].startswith("*") or a in div16)]
     return {"name": f"cwd.fwd_bwd[P={P},{layout},mask={has_mask},dS={need_s},dT={need_t}]",

@@ -158,11 +158,12 @@ def kd_forward_backward(
         raise ValueError(f"fused KD kernel indexes rows in int32: N={n} rows must be < {_MAX_ROWS}")
     dev = student.device
     if mask is None:
-        m_arg, kept = None, torch.tensor(float(n), device=dev)
+        m_arg, kept = None, torch.tensor(float(n), dtype=torch.float64, device=dev)
     else:
         m_arg = mask.reshape(-1).contiguous().view(torch.uint8)
-        kept = m_arg.sum(dtype=torch.float32)
-    scale = (tau / kept.clamp_min(1.0)).reshape(1).to(torch.float32)
+        kept = m_arg.sum().double()  # an exact count (an fp32 sum is not beyond 2^24 rows); no host sync
+    kept = kept.clamp_min(1.0)
+    scale = (tau / kept).reshape(1).to(torch.float32)
     num_groups = triton.cdiv(n, tp["GROUP_ROWS"])
     programs = triton.cdiv(num_groups, _DEFAULT_GPP)
     part = torch.empty(programs, dtype=torch.float32, device=dev)
@@ -176,7 +177,7 @@ def kd_forward_backward(
         HAS_MASK=m_arg is not None, NEED_S=need_student, NEED_T=need_teacher,
         num_warps=tp["num_warps"],
     )
-    loss = part.double().sum() * (tau * tau) / kept.double().clamp_min(1.0)
+    loss = part.double().sum() * (tau * tau) / kept
     return loss.float(), ds, dt
 
 
@@ -203,11 +204,13 @@ def _spec(C: int, s_dt: torch.dtype, t_dt: torch.dtype, layout: str, gpp: int, h
              "HAS_MASK": has_mask, "NEED_S": need_s, "NEED_T": need_t, **{k: 1 for k in ones}}
     sig = {**_signature(_TRITON_TY[s_dt], _TRITON_TY[t_dt], need_s, need_t),
            **{k: "constexpr" for k in const}}
-    div16 = {"s_sb", "t_sb"} if aligned else set()
+    # the integers Triton finds divisible by 16 at run time for aligned tensors and typical feature
+    # maps (N, HW and the image strides; NCHW class strides = HW; row strides and C when C % 16 == 0)
+    div16 = {"N", "HW", "s_sb", "t_sb"} if aligned else set()
     if aligned and layout == "nchw":
         div16 |= {"s_sc", "t_sc"}
-    if aligned and layout in ("nhwc", "2d") and C % 16 == 0:
-        div16 |= {"s_shw", "t_shw"}
+    if aligned and C % 16 == 0:
+        div16 |= {"C"} | ({"s_shw", "t_shw"} if layout in ("nhwc", "2d") else set())
     names = _kd_fwd_bwd_kernel.arg_names
     hinted = [i for i, a in enumerate(names) if sig[a] != "constexpr"
               and ((aligned and sig[a].startswith("*")) or a in div16)]
