@@ -79,16 +79,16 @@ cwd_loss_fwd = local_op.local_loss_op("cwd_loss_fwd", _torch_forward_backward, "
                                       "cwd_forward_backward")
 
 
-def cwd_loss(student: Tensor, teacher: Tensor, tau: float = 4.0, mask: Tensor | None = None,
-             backend: str = "auto") -> Tensor:
+def cwd_loss(student: Tensor, teacher: Tensor, tau: float = 4.0, backend: str = "auto",
+             mask: Tensor | None = None) -> Tensor:
     """Channel-wise distillation loss of (B, C, H, W) logits, a float32 0-d tensor (float64 for float64).
 
     Args:
         student, teacher: (B, C, H, W) logits (NCHW or channels-last; fp32/fp16/bf16). Gradients flow
             to the student, and to the teacher when it requires grad.
-        tau: temperature. mask: optional bool (B, H, W) (or (B*H*W,)) keep-mask of positions, removed
+        tau: temperature. backend: "auto" | "triton" | "torch" | "reference".
+        mask: optional bool (B, H, W) (or (B*H*W,)) keep-mask of positions, removed
             from every channel's spatial softmax; a plane without kept positions contributes 0.
-        backend: "auto" | "triton" | "torch" | "reference".
     """
     return local_op.run(cwd_loss_fwd, cwd_loss_reference, student, teacher, tau, mask, backend,
                         check=_check_4d)
@@ -103,7 +103,7 @@ class CWDLoss(nn.Module):
         self.tau, self.backend = tau, backend
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
-        return cwd_loss(student, teacher, self.tau, mask, self.backend)
+        return cwd_loss(student, teacher, self.tau, self.backend, mask)
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, backend={self.backend!r}"
