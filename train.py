@@ -92,7 +92,8 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
     log.info(f"fastdist train: {cfg.command}\n  device {env.device} x {env.world_size}, amp {cfg.amp} "
              f"(validation {validation_precision(cfg)}), "
              f"channels_last {cfg.channels_last}, compile {cfg.compile}, loader {cfg.loader}, "
-             f"kd backend {cfg.kd_backend}, optimizer {cfg.optimizer}")
+             f"kd backend {cfg.kd_backend}, optimizer {cfg.optimizer}\n"
+             f"  kd method {cfg.kd_method}: lambda_kd {cfg.lambda_kd}, temperature {cfg.kd_temperature}")
     if stale:
         log.info("removed temporary files of an interrupted write: "
                  + ", ".join(map(os.path.basename, stale)))
@@ -111,7 +112,7 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
     net = prepare_student(student, env.device, env.world_size, cfg.channels_last, cfg.compile)
     teacher_net = prepare_teacher(teacher, env.device, cfg.channels_last, cfg.compile)
     criterion = DistillationLoss(cfg.lambda_kd, cfg.kd_temperature, cfg.kd_beta, cfg.kd_gamma,
-                                 cfg.kd_backend, cfg.kd_mask, cfg.kd_intra_sync)
+                                 cfg.kd_backend, cfg.kd_mask, cfg.kd_intra_sync, cfg.kd_method)
     optimizer = build_optimizer(cfg, student)
     scaler = build_scaler(cfg.amp, env.device)
     if resume:

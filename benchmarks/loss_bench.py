@@ -170,13 +170,24 @@ def bandwidth(case: Case, mode: str, median_ms: float, peak: common.DevicePeak |
     return out
 
 
-def provider_fn(provider: str, compile_mode: str) -> Callable[[Any, Any], Any]:
-    """The loss callable ``f(student, teacher) -> loss`` of a provider (beta = gamma = tau = 1)."""
+def loss_fns(loss: str) -> tuple[Callable[..., Any], Callable[..., Any], dict[str, float]]:
+    """``--loss``: (reference formula, fastdist front-end, hyper-parameters). DIST: beta = gamma = tau = 1;
+    KD (CIRKD's CriterionKD) tau = 1; CWD (CIRKD's CriterionCWD on logits) tau = 4."""
+    import fastdist
+    from fastdist.loss import cwd_loss_reference, dist_loss_reference, kd_loss_reference
+
+    return {"dist": (dist_loss_reference, fastdist.dist_loss, {"beta": 1.0, "gamma": 1.0, "tau": 1.0}),
+            "kd": (kd_loss_reference, fastdist.kd_loss, {"tau": 1.0}),
+            "cwd": (cwd_loss_reference, fastdist.cwd_loss, {"tau": 4.0})}[loss]
+
+
+def provider_fn(provider: str, compile_mode: str, loss: str = "dist") -> Callable[[Any, Any], Any]:
+    """The loss callable ``f(student, teacher) -> loss`` of a provider (hyper-parameters: `loss_fns`)."""
+    reference, fused, kw = loss_fns(loss)
     if provider in ("reference", "reference+compile"):
-        from fastdist.loss.reference import dist_loss_reference
 
         def ref(s: Any, t: Any) -> Any:
-            return dist_loss_reference(s, t, beta=1.0, gamma=1.0, tau=1.0)
+            return reference(s, t, **kw)
 
         if provider == "reference":
             return ref
@@ -185,10 +196,8 @@ def provider_fn(provider: str, compile_mode: str) -> Callable[[Any, Any], Any]:
         torch._dynamo.reset()  # fresh graphs per case: no recompile limit, no automatic dynamic shapes
         return torch.compile(ref, dynamic=False, mode=None if compile_mode == "default" else compile_mode)
 
-    import fastdist
-
     backend = {"torch": "torch", "triton": "triton"}[provider]
-    return lambda s, t: fastdist.dist_loss(s, t, beta=1.0, gamma=1.0, tau=1.0, backend=backend)
+    return lambda s, t: fused(s, t, backend=backend, **kw)
 
 
 def mode_fn(f: Callable[[Any, Any], Any], mode: str, s: Any, t: Any) -> tuple[Callable[..., Any], Any]:
@@ -221,14 +230,13 @@ def skip_reason(provider: str, device: str) -> str | None:
 # --------------------------------------------------------------------------------------------------
 # Accuracy
 # --------------------------------------------------------------------------------------------------
-def truth(s: Any, t: Any) -> tuple[float, Any]:
+def truth(s: Any, t: Any, loss_name: str = "dist") -> tuple[float, Any]:
     """Loss and student gradient of the reference formula evaluated in float64."""
     import torch
 
-    from fastdist.loss.reference import dist_loss_reference
-
+    reference, _, kw = loss_fns(loss_name)
     s64 = s.detach().double().requires_grad_(True)
-    loss = dist_loss_reference(s64, t.detach().double(), beta=1.0, gamma=1.0, tau=1.0)
+    loss = reference(s64, t.detach().double(), **kw)
     (grad,) = torch.autograd.grad(loss, s64)
     return float(loss.detach()), grad
 
@@ -291,7 +299,7 @@ def run_provider(provider: str, case: Case, s: Any, t: Any, device: str, ref: tu
     if reason:
         return [{**base, "mode": m, "status": reason} for m in modes]
     try:
-        f = provider_fn(provider, args.compile_mode)
+        f = provider_fn(provider, args.compile_mode, args.loss)
         acc = {"first_calls_s": first_calls(f, s, t, device), **accuracy(f, s, t, ref)}
     except Exception as exc:  # noqa: BLE001 - report, do not crash the whole benchmark
         traceback.print_exc()
@@ -388,6 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default",
                    help="torch.compile mode of reference+compile (default, max-autotune-no-cudagraphs, ...)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the float64 accuracy check")
+    p.add_argument("--loss", choices=("dist", "kd", "cwd"), default="dist",
+                   help="the loss benchmarked (files loss.* for dist, loss_kd.* / loss_cwd.* otherwise)")
     args = p.parse_args(argv)
     if args.quick:
         args.warmup_ms, args.rep_ms = min(args.warmup_ms, 5.0), min(args.rep_ms, 30.0)
@@ -405,7 +415,7 @@ def run_item(item: Item, device: str, peak: common.DevicePeak | None, args: argp
     if status is None:
         try:
             s, t = make_inputs(case, device)
-            ref = None if args.no_accuracy else truth(s, t)
+            ref = None if args.no_accuracy else truth(s, t, args.loss)
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             status, s, t, ref = common.error_status(exc), None, None, None
@@ -422,6 +432,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     a killed run keeps its CSV, JSON and plot)."""
     device, env, peak, out_dir, budget = common.run_context(args)
     cases = quick_cases() if args.quick else all_cases(args.shapes, args.dtypes, args.layouts)
+    if args.loss == "cwd":  # a spatial softmax per channel: 4-D logits only
+        cases = [c for c in cases if len(c.shape) == 4]
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for item in plan(cases, args.providers, args.quick):
@@ -430,7 +442,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         replot = any(r["mode"] == "fwd+bwd" and r.get("status") == "ok" for r in new)
         write_results(rows, env, args, out_dir, time.perf_counter() - t_start, final=False, replot=replot)
     doc = write_results(rows, env, args, out_dir, time.perf_counter() - t_start, final=True, replot=False)
-    print(f"[loss_bench] wrote {out_dir}/loss.csv, loss.json in {doc['config']['wall_s']:.1f}s")
+    stem = _stem(args)
+    print(f"[loss_bench] wrote {out_dir}/{stem}.csv, {stem}.json in {doc['config']['wall_s']:.1f}s")
     return doc
 
 
@@ -445,7 +458,7 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], args: argpars
         "benchmark": "loss",
         "env": env,
         "config": {"quick": args.quick, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
-                   "compile_mode": args.compile_mode, "beta": 1.0, "gamma": 1.0, "tau": 1.0,
+                   "compile_mode": args.compile_mode, "loss": args.loss, **loss_fns(args.loss)[2],
                    "timing": "CUDA events, L2 flushed per call" if env["is_cuda"] else "CPU wall clock",
                    "bytes_models": {
                        "two-pass": "fwd: read S,T; bwd: read S,T + write dS; fwd+bwd: both (5 tensor-sizes)",
@@ -453,11 +466,15 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], args: argpars
                    "torch_threads": torch.get_num_threads(), "complete": final, "wall_s": wall_s},
         "results": rows,
     }
-    common.write_csv(out_dir / "loss.csv", rows, CSV_FIELDS)
-    common.write_json(out_dir / "loss.json", doc)
+    common.write_csv(out_dir / f"{_stem(args)}.csv", rows, CSV_FIELDS)
+    common.write_json(out_dir / f"{_stem(args)}.json", doc)
     if replot:
-        plot(rows, env, out_dir / "loss.png")
+        plot(rows, env, out_dir / f"{_stem(args)}.png")
     return doc
+
+
+def _stem(args: argparse.Namespace) -> str:
+    return "loss" if args.loss == "dist" else f"loss_{args.loss}"
 
 
 def main(argv: list[str] | None = None) -> None:

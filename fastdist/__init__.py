@@ -1,7 +1,7 @@
 """fastdist: fused DIST knowledge distillation for semantic segmentation."""
 
-from .loss import DISTLoss, dist_loss
+from .loss import CWDLoss, DISTLoss, KDLoss, cwd_loss, dist_loss, kd_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["DISTLoss", "__version__", "dist_loss"]
+__all__ = ["CWDLoss", "DISTLoss", "KDLoss", "__version__", "cwd_loss", "dist_loss", "kd_loss"]

@@ -141,7 +141,7 @@ def test_loss_budget_checked_before_provider_is_built(monkeypatch: pytest.Monkey
                                                       tmp_path: Path) -> None:
     """With the budget spent, no provider is built (so reference+compile never compiles)."""
     built: list[str] = []
-    monkeypatch.setattr(loss_bench, "provider_fn", lambda provider, mode: built.append(provider))
+    monkeypatch.setattr(loss_bench, "provider_fn", lambda provider, mode, loss="dist": built.append(provider))
     args = loss_bench.parse_args(["--quick", "--device", "cpu"])
     case = loss_bench.quick_cases()[0]
     s, t = loss_bench.make_inputs(case, "cpu")

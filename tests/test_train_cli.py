@@ -54,7 +54,7 @@ def test_defaults_are_the_reference_recipe() -> None:
     assert (args.student_model, args.student_backbone) == ("deeplabv3", "resnet18")
     assert args.crop_size == [512, 1024] and args.batch_size == 16 and args.max_iterations == 40000
     assert (args.lr, args.momentum, args.weight_decay) == (0.02, 0.9, 5e-4)
-    assert (args.lambda_kd, args.kd_temperature) == (1.0, 1.0)
+    assert (args.kd_method, args.lambda_kd, args.kd_temperature) == ("dist", None, None)  # per method
     assert (args.kd_mask, args.kd_intra_sync) == ("none", False)
     assert (args.log_iter, args.val_per_iters, args.save_per_iters, args.skip_val) == (10, 400, 400, False)
 

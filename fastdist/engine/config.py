@@ -41,8 +41,13 @@ __all__ = ["ConfigError", "NON_FINITE_HINT", "RECIPE_KEYS", "build_parser", "che
 RECIPE_KEYS: tuple[str, ...] = (
     "teacher_model", "teacher_backbone", "student_model", "student_backbone", "crop_size",
     "batch_size", "max_iterations", "lr", "momentum", "weight_decay", "lambda_kd", "kd_temperature",
-    "kd_beta", "kd_gamma", "kd_mask", "kd_intra_sync", "seed",
+    "kd_beta", "kd_gamma", "kd_mask", "kd_intra_sync", "seed", "kd_method",
 )  # fmt: skip
+
+# --kd-method: (loss weight --lambda-kd, temperature --kd-temperature) when not given. dist: the DIST
+# recipe; kd and cwd: CIRKD's Cityscapes scripts (train_kd.py --lambda-kd 1.0, --kd-temperature
+# default 1.0; --lambda-cwd-logit 3.0 with the CWD logit criterion's temperature 4.0).
+KD_METHOD_DEFAULTS: dict[str, tuple[float, float]] = {"dist": (1.0, 1.0), "kd": (1.0, 1.0), "cwd": (3.0, 4.0)}
 
 _NONE_STRINGS = ("", "none", "None")
 
@@ -145,8 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="model init, dropout and data order")
 
     g = p.add_argument_group("distillation")
-    g.add_argument("--lambda-kd", type=finite_nonneg, default=1.0)
-    g.add_argument("--kd-temperature", type=finite_positive, default=1.0)
+    g.add_argument("--kd-method", choices=tuple(KD_METHOD_DEFAULTS), default="dist",
+                   help="distillation loss on the logits: DIST, pixel-wise KD or channel-wise CWD")
+    g.add_argument("--lambda-kd", type=finite_nonneg, default=None,
+                   help="loss weight (default per --kd-method: dist 1, kd 1, cwd 3)")
+    g.add_argument("--kd-temperature", type=finite_positive, default=None,
+                   help="temperature (default per --kd-method: dist 1, kd 1, cwd 4)")
     g.add_argument("--kd-beta", type=finite_nonneg, default=1.0, help="DIST inter-class (row) weight")
     g.add_argument("--kd-gamma", type=finite_nonneg, default=1.0, help="DIST intra-class (column) weight")
     g.add_argument("--kd-backend", choices=("auto", "triton", "torch", "reference"), default="auto")
@@ -307,6 +316,12 @@ def resolve(cfg: argparse.Namespace) -> argparse.Namespace:
         cfg.compile = cuda
     if cfg.loader is None:
         cfg.loader = default_backend(cfg.device_type)
+    lambda_kd, temperature = KD_METHOD_DEFAULTS[cfg.kd_method]
+    cfg.lambda_kd = lambda_kd if cfg.lambda_kd is None else cfg.lambda_kd
+    cfg.kd_temperature = temperature if cfg.kd_temperature is None else cfg.kd_temperature
+    if cfg.kd_intra_sync and cfg.kd_method != "dist":
+        raise ConfigError(f"--kd-intra-sync is a DIST option; --kd-method {cfg.kd_method} has no "
+                          "batch-wide term")
     cfg.world_size = _world_size()
     cfg.batch_per_rank = cfg.batch_size // cfg.world_size
     if cfg.val_batch_size is None:
@@ -487,7 +502,7 @@ def validation_precision(cfg: argparse.Namespace) -> str:
 def recipe_warnings(cfg: argparse.Namespace) -> list[str]:
     """Settings that are valid here but make the run differ from the reference recipe it mirrors."""
     warnings = []
-    if cfg.teacher_model is not None and cfg.kd_temperature != 1:
+    if cfg.teacher_model is not None and getattr(cfg, "kd_method", "dist") == "dist" and cfg.kd_temperature != 1:
         warnings.append(f"--kd-temperature {cfg.kd_temperature}: the reference segmentation recipe (DIST_KD "
                         "train_kd.py) parses this flag but never uses it (its DIST has no temperature), so "
                         "a reference run with it trains with tau = 1; here the logits are divided by "

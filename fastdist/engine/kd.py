@@ -5,6 +5,9 @@ Recipe (reference ``train_kd.py``)::
     task = CE(up(main), y) + 0.4 * CE(up(aux), y)              up: bilinear, align_corners=True
     kd   = lambda_kd * DIST(main_s, main_t) + 0.4 * lambda_kd * DIST(aux_s, aux_t)
 
+``method`` swaps DIST for pixel-wise KD or channel-wise CWD (``fastdist.kd_loss`` / ``cwd_loss``) with
+the same weighting, aux rule and mask.
+
 CE ignores label 255; DIST compares the logits at their own (1/8) resolution, optionally leaving out
 masked pixels (``--kd-mask``). The aux terms exist only for models with an auxiliary head (ResNet
 backbones); a student aux head without a teacher aux head gets the CE term but no DIST term.
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdist.data.cityscapes import IGNORE_INDEX, NUM_CLASSES
-from fastdist.loss import DISTLoss
+from fastdist.loss import CWDLoss, DISTLoss, KDLoss
 from fastdist.models import CheckpointError, build_model, load_checkpoint, load_pretrained_backbone
 
 __all__ = ["AUX_WEIGHT", "DistillationLoss", "ModelLoadError", "build_student", "build_teacher",
@@ -155,10 +158,17 @@ class DistillationLoss(nn.Module):
     """
 
     def __init__(self, lambda_kd: float = 1.0, tau: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-                 backend: str = "auto", mask: str = "none", intra_sync: bool = False) -> None:
+                 backend: str = "auto", mask: str = "none", intra_sync: bool = False,
+                 method: str = "dist") -> None:
         super().__init__()
         self.lambda_kd, self.mask = lambda_kd, mask
-        self.dist = DISTLoss(beta=beta, gamma=gamma, tau=tau, backend=backend, intra_sync=intra_sync)
+        if method == "dist":
+            self.dist: nn.Module = DISTLoss(beta=beta, gamma=gamma, tau=tau, backend=backend,
+                                            intra_sync=intra_sync)
+        elif method in ("kd", "cwd"):
+            self.dist = (KDLoss if method == "kd" else CWDLoss)(tau=tau, backend=backend)
+        else:
+            raise ValueError(f"unknown kd method {method!r}; expected 'dist', 'kd' or 'cwd'")
 
     @staticmethod
     def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
