@@ -718,3 +718,58 @@ def aot_kernel_specs(
         sp["attrs"] = {(i,): [["tt.divisibility", 16]] for i in hinted}
         sp["name"] += "[aligned]" if aligned else ""
     return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Static-report contract (benchmarks/kernel_report.py, docs: notes/kernel_report_contract)
+# ----------------------------------------------------------------------------------------------
+
+_REPORT_LAYOUTS = {"nchw": "hw1", "nhwc": "c1", "2d": "c1"}
+
+
+def report_specs(C: int, dtype: torch.dtype, layout: str) -> list[dict]:
+    """The kernels one forward+backward JITs for student and teacher of `dtype` in a dense `layout`
+    ("nchw", "nhwc", "2d"), no mask, default config, dS only: [fwd, bwd] (the finalize is torch ops).
+
+    Same constexprs and divisibility-by-16 hints as at run time for a shape whose N and H*W are
+    multiples of 16; without a mask the launchers pass a float32 buffer as the unread m_ptr.
+    """
+    if layout not in _REPORT_LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(_REPORT_LAYOUTS)}, got {layout!r}")
+    specs = aot_kernel_specs(C, dtype, dtype, configs="default", variants="all",
+                             layouts=(_REPORT_LAYOUTS[layout],), aligned=True)
+    fwd = next(sp for sp in specs if sp["fn"] is _dist_fwd_kernel
+               and not sp["constexprs"]["HAS_MASK"] and sp["constexprs"]["ONE_IMAGE"])
+    bwd = next(sp for sp in specs if sp["fn"] is _dist_bwd_kernel and sp["constexprs"]["NEED_S"]
+               and not sp["constexprs"]["NEED_T"] and sp["constexprs"]["ONE_IMAGE"])
+    bwd["constexprs"] = {**bwd["constexprs"], "HAS_MASK": False}
+    out = []
+    for kernel, sp in (("fwd", fwd), ("bwd", bwd)):
+        sp["signature"] = {**sp["signature"], "m_ptr": "*fp32"}
+        if C % 16 == 0:  # Triton hints every int argument that is a multiple of 16
+            sp["attrs"][(sp["fn"].arg_names.index("C"),)] = [["tt.divisibility", 16]]
+        sp.update(loss="dist", kernel=kernel, layout=layout, C=C, dtype=str(dtype).removeprefix("torch."))
+        out.append(sp)
+    return out
+
+
+def program_plan(spec: dict, shape: tuple[int, ...]) -> dict:
+    """Grid, rows per program, loop trip counts (loops of trip count 1 are folded away by the
+    compiler and not listed) and minimum HBM bytes per row of one report_specs entry for `shape`."""
+    C = shape[1]
+    n = torch.Size(shape).numel() // C
+    const = spec["constexprs"]
+    elem = torch.finfo(getattr(torch, spec["dtype"])).bits // 8
+    if spec["kernel"] == "fwd":
+        chunk_rows = const["GROUP_ROWS"] * const["MERGE_GROUPS"]
+        per_prog = const["CHUNKS_PER_PROGRAM"]
+        programs = triton.cdiv(triton.cdiv(n, chunk_rows), per_prog)
+        trips = [t for t in (per_prog, const["MERGE_GROUPS"]) if t > 1]
+        # reads S and T; writes one fp32 record ([r, n] + 5 x C) per chunk
+        return {"programs": programs, "rows_per_program": chunk_rows * per_prog, "loop_trips": trips,
+                "bytes_per_row": 2 * C * elem + (2 + 5 * C) * 4 / chunk_rows}
+    per_prog = const["GROUPS_PER_PROGRAM"]
+    programs = triton.cdiv(triton.cdiv(n, const["GROUP_ROWS"]), per_prog)
+    # reads S and T, writes dS
+    return {"programs": programs, "rows_per_program": const["GROUP_ROWS"] * per_prog,
+            "loop_trips": [per_prog] if per_prog > 1 else [], "bytes_per_row": 3 * C * elem}
