@@ -159,9 +159,8 @@ def compile_spec(spec: dict, arch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kern.asm["cubin"])
-        tool = _cuobjdump()
-        sass = subprocess.run([tool, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-        res = subprocess.run([tool, "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
+        sass, res = (subprocess.run([_cuobjdump(), flag, str(cubin)], capture_output=True, text=True,
+                                    check=True).stdout for flag in ("-sass", "-res-usage"))
     regs, _stack, shared, local = map(int, _RESOURCES.search(res).groups())
     instrs = parse_sass(sass)
     target = re.search(r"code for (sm_\w+)", sass).group(1)
@@ -190,6 +189,7 @@ def record(spec: dict, arch_name: str, analysis: dict, shape: tuple[int, ...], p
     warps = spec["num_warps"]
     trips = plan["loop_trips"]
     per_warp = weighted_count(analysis["instrs"], analysis["loops"], trips)
+    loads = weighted_count(analysis["instrs"], analysis["loops"], trips, "LDG")
     rows_pp = plan["rows_per_program"]
     # per row of a full program; a merge kernel (rows_per_program 0): the whole launch over N rows
     per_row = warps * per_warp / rows_pp if rows_pp else plan["programs"] * warps * per_warp / n
@@ -201,7 +201,7 @@ def record(spec: dict, arch_name: str, analysis: dict, shape: tuple[int, ...], p
                                        "global_stores", "mufu")},
            "loops": len(analysis["loops"]), "loop_trips": trips, "programs": plan["programs"],
            "rows_per_program": rows_pp,
-           "global_loads_per_program": warps * weighted_count(analysis["instrs"], analysis["loops"], trips, "LDG"),
+           "global_loads_per_program": warps * loads,
            "warp_instructions_per_program": warps * per_warp,
            "warp_instructions_per_row": per_row, "bytes_per_row": plan["bytes_per_row"]}
     for key, gpu in GPUS.items():
@@ -261,12 +261,14 @@ def format_report(records: list[dict]) -> str:
         if key in seen:
             continue
         seen.add(key)
-        lines.append(f"| {r['loss']} | {r['kernel']} | {r['target']} | {r['C']} | {r['dtype']} | {r['layout']} "
-                     f"| {r['registers']} | {r['spills']} | {r['occupancy_warps']} | {_fmt_ops(r['global_loads'])} "
-                     f"| {_fmt_ops(r['global_stores'])} | {sum(r['mufu'].values())} "
-                     f"| {r['warp_instructions_per_row']:.1f} | {r['bytes_per_row']:.1f} |")
+        cells = [r["loss"], r["kernel"], r["target"], r["C"], r["dtype"], r["layout"], r["registers"],
+                 r["spills"], r["occupancy_warps"], _fmt_ops(r["global_loads"]), _fmt_ops(r["global_stores"]),
+                 sum(r["mufu"].values()), f"{r['warp_instructions_per_row']:.1f}",
+                 f"{r['bytes_per_row']:.1f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "Predicted time = max(HBM floor, issue floor), sm_90a code (static estimate):", "",
-              "| loss | kernel | shape | layout | H100 SXM us | H100 % HBM | H200 us | H200 % HBM | bound (H200) |",
+              "| loss | kernel | shape | layout | H100 SXM us | H100 % HBM | H200 us | H200 % HBM "
+              "| bound (H200) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r["predicted_us_h200"] is None:
