@@ -17,6 +17,8 @@ Predicted time (static estimate, sm_90a only, for H100 SXM and H200) = max(HBM f
 predicted fraction of HBM bandwidth is HBM floor / predicted time.
 
 Usage: python benchmarks/kernel_report.py [--dtype bfloat16] [--shapes recipe-b8 ...] [--json PATH]
+[--readme] (--readme: also replace the README's static-estimate block with the printed tables; the README
+shows ``--shapes recipe-b2 recipe-b8 fullres-b2 --archs sm_90a``).
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common  # noqa: F401  (puts the repository root on sys.path)
+import common  # puts the repository root on sys.path
 import loss_bench
 
 # Kernel modules following the report contract; a module that does not exist (yet) is skipped.
 KERNEL_MODULES = ("kernels.dist_loss", "kernels.kd_loss", "kernels.cwd_loss")
 ARCHS = {"sm_90a": 90, "sm_80": 80}
+README_BEGIN, README_END = "<!-- static-estimate:begin -->", "<!-- static-estimate:end -->"
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,15 @@ def format_report(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_readme(path: Path, text: str) -> None:
+    """Replace the block between README_BEGIN and README_END of `path` with `text`."""
+    doc = path.read_text()
+    if README_BEGIN not in doc or README_END not in doc:
+        raise ValueError(f"{path} has no {README_BEGIN} ... {README_END} block")
+    head, rest = doc.split(README_BEGIN, 1)
+    path.write_text(f"{head}{README_BEGIN}\n{text}\n{README_END}{rest.split(README_END, 1)[1]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(loss_bench.SHAPES), choices=list(loss_bench.SHAPES),
@@ -289,11 +301,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--jobs", type=int, default=2, help="compile processes")
     ap.add_argument("--json", type=Path, help="write the records (a JSON list) here")
+    ap.add_argument("--readme", action="store_true", help="write the tables into README.md's static block")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     records = build_report({n: loss_bench.SHAPES[n] for n in args.shapes}, args.dtype, args.layouts,
                            args.archs, args.jobs)
-    print(format_report(records))
+    text = format_report(records)
+    print(text)
+    if args.readme:
+        write_readme(common.ROOT / "README.md", text)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=1) + "\n")

@@ -99,3 +99,13 @@ def test_dist_report_small():
     fwd, bwd = recs
     assert fwd["loop_trips"] == [16]  # MERGE_GROUPS groups of 16 rows per 256-row chunk
     assert fwd["global_loads_per_program"] >= 2 * fwd["num_warps"] * 16  # S and T loaded in each trip
+
+
+def test_write_readme_replaces_only_the_block(tmp_path: Path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"head\n{R.README_BEGIN}\nold\n{R.README_END}\ntail\n")
+    R.write_readme(readme, "new table")
+    assert readme.read_text() == f"head\n{R.README_BEGIN}\nnew table\n{R.README_END}\ntail\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="static-estimate:begin"):
+        R.write_readme(readme, "x")
