@@ -12,8 +12,10 @@ the trip counts of the loops that enclose it (forward-branch paths are all count
 
 Predicted time (static estimate, sm_90a only, for H100 SXM and H200) = max(HBM floor, issue floor):
   HBM floor   = rows x bytes_per_row / HBM bandwidth
-  issue floor = ceil(programs / SMs) x num_warps x warp-instructions per program / (4 schedulers x clock)
-(one warp-instruction per scheduler per cycle; latency, L2 and tail effects are not modelled). The
+  issue floor = P x warp-instructions per program / (min(4, P x num_warps) schedulers x clock),
+                P = ceil(programs / SMs) programs on the busiest SM
+(one warp-instruction per scheduler per cycle; latency, L2 and tail effects are not modelled: for a
+one-program kernel such as a finalize the floor is far below its latency-bound time). The
 predicted fraction of HBM bandwidth is HBM floor / predicted time.
 
 Usage: python benchmarks/kernel_report.py [--dtype bfloat16] [--shapes recipe-b8 ...] [--json PATH]
@@ -187,15 +189,13 @@ def _rows(shape: tuple[int, ...]) -> int:
 
 
 def record(spec: dict, arch_name: str, analysis: dict, shape: tuple[int, ...], plan: dict) -> dict:
-    """One report row: the compiled variant at one shape, with the static time model (sm_90a only)."""
+    """One report row: the compiled variant at one shape, with the static time model (sm_90a only).
+    A SASS loop structure that does not match the plan's trip counts (e.g. a loop ptxas unrolled)
+    gives a row with `error` set and no dynamic counts or predictions."""
     n = _rows(shape)
     warps = spec["num_warps"]
     trips = plan["loop_trips"]
-    per_warp = weighted_count(analysis["instrs"], analysis["loops"], trips)
-    loads = weighted_count(analysis["instrs"], analysis["loops"], trips, "LDG")
     rows_pp = plan["rows_per_program"]
-    # per row of a full program; a merge kernel (rows_per_program 0): the whole launch over N rows
-    per_row = warps * per_warp / rows_pp if rows_pp else plan["programs"] * warps * per_warp / n
     rec = {"loss": spec["loss"], "kernel": spec["kernel"], "name": spec["name"], "arch": arch_name,
            "target": analysis["target"], "C": spec["C"], "dtype": spec["dtype"], "layout": spec["layout"],
            "shape": list(shape), "num_warps": warps, "num_stages": spec["num_stages"],
@@ -203,17 +203,27 @@ def record(spec: dict, arch_name: str, analysis: dict, shape: tuple[int, ...], p
                                        "occupancy_warps", "sass_instructions", "global_loads",
                                        "global_stores", "mufu")},
            "loops": len(analysis["loops"]), "loop_trips": trips, "programs": plan["programs"],
-           "rows_per_program": rows_pp,
-           "global_loads_per_program": warps * loads,
-           "warp_instructions_per_program": warps * per_warp,
-           "warp_instructions_per_row": per_row, "bytes_per_row": plan["bytes_per_row"]}
+           "rows_per_program": rows_pp, "bytes_per_row": plan["bytes_per_row"], "error": None,
+           "global_loads_per_program": None, "warp_instructions_per_program": None,
+           "warp_instructions_per_row": None,
+           **{f"{k}_{g}": None for g in GPUS for k in ("predicted_us", "predicted_hbm_fraction", "bound")}}
+    try:
+        per_warp = weighted_count(analysis["instrs"], analysis["loops"], trips)
+    except ValueError as err:
+        return {**rec, "error": str(err)}
+    rec.update(global_loads_per_program=warps * weighted_count(analysis["instrs"], analysis["loops"], trips,
+                                                               "LDG"),
+               warp_instructions_per_program=warps * per_warp,
+               # per row of a full program; a merge kernel (rows_per_program 0): the launch over N rows
+               warp_instructions_per_row=(warps * per_warp / rows_pp if rows_pp
+                                          else plan["programs"] * warps * per_warp / n))
+    if ARCHS[arch_name] != 90:  # H100 / H200 run the sm_90a code
+        return rec
     for key, gpu in GPUS.items():
-        if ARCHS[arch_name] != 90:  # H100 / H200 run the sm_90a code
-            rec[f"predicted_us_{key}"] = rec[f"predicted_hbm_fraction_{key}"] = None
-            continue
         hbm = n * plan["bytes_per_row"] / gpu.hbm_bytes_per_s
-        issue = (math.ceil(plan["programs"] / gpu.sms) * warps * per_warp
-                 / (SCHEDULERS_PER_SM * gpu.clock_hz))
+        per_sm = math.ceil(plan["programs"] / gpu.sms)  # programs on the busiest SM
+        schedulers = min(SCHEDULERS_PER_SM, per_sm * warps)  # a warp issues on one scheduler
+        issue = per_sm * warps * per_warp / (schedulers * gpu.clock_hz)
         rec[f"predicted_us_{key}"] = max(hbm, issue) * 1e6
         rec[f"predicted_hbm_fraction_{key}"] = hbm / max(hbm, issue)
         rec[f"bound_{key}"] = "HBM" if hbm >= issue else "issue"
@@ -264,10 +274,10 @@ def format_report(records: list[dict]) -> str:
         if key in seen:
             continue
         seen.add(key)
+        per_row = r["error"] or f"{r['warp_instructions_per_row']:.1f}"
         cells = [r["loss"], r["kernel"], r["target"], r["C"], r["dtype"], r["layout"], r["registers"],
                  r["spills"], r["occupancy_warps"], _fmt_ops(r["global_loads"]), _fmt_ops(r["global_stores"]),
-                 sum(r["mufu"].values()), f"{r['warp_instructions_per_row']:.1f}",
-                 f"{r['bytes_per_row']:.1f}"]
+                 sum(r["mufu"].values()), per_row, f"{r['bytes_per_row']:.1f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "Predicted time = max(HBM floor, issue floor), sm_90a code (static estimate):", "",
               "| loss | kernel | shape | layout | H100 SXM us | H100 % HBM | H200 us | H200 % HBM "
@@ -310,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.readme:
         write_readme(common.ROOT / "README.md", text)
+    failed = [r["name"] for r in records if r["error"]]
+    if failed:
+        raise SystemExit(f"SASS loops do not match program_plan for: {', '.join(sorted(set(failed)))}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=1) + "\n")
