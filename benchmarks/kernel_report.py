@@ -68,7 +68,8 @@ _SM_LIMITS = {90: (65536, 64, 32, 228 * 1024), 80: (65536, 64, 32, 164 * 1024)}
 _REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
 
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_BRANCH = re.compile(r"^(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:`?\()?0x([0-9a-f]+)")
+# `BRA 0x1f0`, `@!P0 BRA 0x1f0`, `BRA.U !UP0, 0x1f0` (a uniform predicate operand)
+_BRANCH = re.compile(r"^(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?`?\(?0x([0-9a-f]+)")
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
@@ -91,8 +92,8 @@ def _cuobjdump() -> str:
 
 
 def parse_sass(sass: str) -> list[tuple[int, str]]:
-    """(address, instruction text without predicate-free trailing ';') of every instruction up to the
-    end of the code (the final self-branch after EXIT and the NOP padding are dropped)."""
+    """(address, instruction text without the trailing ';') of every instruction up to the end of the
+    code (the final self-branch after EXIT and the NOP padding after it are dropped)."""
     out = []
     for line in sass.splitlines():
         m = _SASS_LINE.match(line)
@@ -125,7 +126,10 @@ def _opcode(text: str) -> str:
 def sass_stats(instrs: list[tuple[int, str]]) -> dict:
     """Static counts: instructions, global loads/stores by opcode (the suffix gives the width), MUFU."""
     ops = Counter(_opcode(t) for _, t in instrs)
-    pick = lambda prefix: {k: v for k, v in sorted(ops.items()) if k.startswith(prefix)}  # noqa: E731
+
+    def pick(prefix: str) -> dict[str, int]:
+        return {k: v for k, v in sorted(ops.items()) if k.startswith(prefix)}
+
     return {"sass_instructions": len(instrs), "global_loads": pick("LDG"), "global_stores": pick("STG"),
             "mufu": pick("MUFU"), "spill_instructions": sum(pick("LDL").values()) + sum(pick("STL").values())}
 

@@ -20,7 +20,8 @@ import kernel_report as R  # noqa: E402
 
 from kernels import dist_loss as K  # noqa: E402
 
-# Two nested loops (outer 0x10-0x60, inner 0x20-0x40), a forward branch, the trap after EXIT and padding.
+# Two nested loops (outer 0x10-0x60 closed by a uniform-predicate branch, inner 0x20-0x40), a forward
+# branch, the trap after EXIT and padding.
 _SASS = """
         code for sm_90a
         /*0000*/                   MOV R1, c[0x0][0x28] ;         /* 0x0 */
@@ -29,7 +30,7 @@ _SASS = """
         /*0030*/                   MUFU.EX2 R3, R3 ;              /* 0x0 */
         /*0040*/               @P0 BRA 0x20 ;                     /* 0x0 */
         /*0050*/              @!P1 BRA 0x70 ;                     /* 0x0 */
-        /*0060*/               @P2 BRA 0x10 ;                     /* 0x0 */
+        /*0060*/                   BRA.U !UP0, 0x10 ;             /* 0x0 */
         /*0070*/                   STG.E desc[UR4][R6.64], R3 ;   /* 0x0 */
         /*0080*/                   EXIT ;                         /* 0x0 */
         /*0090*/                   BRA 0x90;                      /* 0x0 */
