@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.6.0
 
-.PHONY: install test test-interp test-aot lint demo gpu-check
+.PHONY: install test test-interp test-aot lint demo gpu-check kernel-report
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -36,3 +36,8 @@ demo: install
 # deadline, into one results folder (GPU_CHECK_ARGS=--dry-run: the same wiring on a CPU).
 gpu-check:
 	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# Static roofline of the fused kernels (no GPU): SASS of every JIT'd variant for sm_90a / sm_80 and the
+# predicted time on H100 SXM / H200 (static estimates), KERNEL_REPORT_ARGS e.g. --shapes recipe-b8.
+kernel-report: install
+	$(PY) benchmarks/kernel_report.py --json runs/kernel_report.json $(KERNEL_REPORT_ARGS)

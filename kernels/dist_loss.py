@@ -93,9 +93,14 @@ __all__ = [
     "FWD_CONFIGS",
     "BWD_CONFIGS",
     "tile_params",
+    "dist_forward_records",
+    "dist_merge_records",
+    "dist_finalize",
     "dist_forward_stats",
     "dist_backward",
     "aot_kernel_specs",
+    "report_specs",
+    "program_plan",
 ]
 
 # Largest number of classes supported: a whole row lives in registers.
@@ -384,6 +389,107 @@ def _dist_bwd_kernel(
             tl.store(dt_ptr + dt_offs, dt.to(dt_ptr.dtype.element_ty), mask=st_ok)
 
 
+@triton.jit
+def _dist_finalize_kernel(
+    row_rec_ptr,  # (R, 2) contiguous, fp32 or fp64: per record [sum of r_i, kept rows]
+    col_rec_ptr,  # (R, 5, C) contiguous, fp32 or fp64: per record [mu_p, mu_q, M2_p, M2_q, C_pq]
+    loss_ptr,  # out (COEF only): 0-d loss
+    col_out_ptr,  # out (5, C) contiguous: col_coef [mu_p, mu_q, kB, kA_s, kA_t] (COEF) or merged stats
+    row_out_ptr,  # out: (1,) row_coef [w_row] (COEF) or (2,) merged [sum r, M]
+    R,  # number of records
+    C,  # number of classes
+    c_row,  # tau^2 * beta (host double, rounded to fp32)
+    c_col,  # tau^2 * gamma
+    k_col,  # -tau^2 * gamma * W / C
+    k_row,  # -tau^2 * beta * W
+    eps,  # EPS of fastdist.loss.stats (the D_j = nA*nB + eps of the column term)
+    BLOCK_R: tl.constexpr,  # records per tile (fixed: fixed summation order)
+    BLOCK_C: tl.constexpr,  # classes per tile (fixed by C)
+    COEF: tl.constexpr,  # True: write loss and coefficients; False: write the merged statistics
+):
+    r_off = tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    # kept rows and sum of r over all records, fp64, fixed order (tile then tree)
+    acc_r = tl.zeros([BLOCK_R], dtype=tl.float64)  # [BLOCK_R]
+    acc_n = tl.zeros([BLOCK_R], dtype=tl.float64)  # [BLOCK_R]
+    r0 = 0
+    while r0 < R:  # (a while loop: the interpreter cannot range() over an argument)
+        rr = r0 + r_off  # [BLOCK_R]
+        acc_r += tl.load(row_rec_ptr + rr * 2, mask=rr < R, other=0.0).to(tl.float64)
+        acc_n += tl.load(row_rec_ptr + rr * 2 + 1, mask=rr < R, other=0.0).to(tl.float64)
+        r0 += BLOCK_R
+    sum_r = tl.sum(acc_r, axis=0)
+    total = tl.sum(acc_n, axis=0)
+    inv_total = 1.0 / tl.maximum(total, 1.0)
+    col_r = tl.zeros([BLOCK_C], dtype=tl.float64)  # [BLOCK_C] running sum of r_j over column tiles
+    c0 = 0
+    while c0 < C:
+        cols = c0 + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+        c_ok = cols < C  # [BLOCK_C]
+        # pass 1: mu = sum_k n_k mu_k / n
+        s_mp = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # [BLOCK_R, BLOCK_C]
+        s_mq = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # [BLOCK_R, BLOCK_C]
+        r0 = 0
+        while r0 < R:
+            rr = r0 + r_off  # [BLOCK_R]
+            n_k = tl.load(row_rec_ptr + rr * 2 + 1, mask=rr < R, other=0.0).to(tl.float64)  # [BLOCK_R]
+            ok = (rr < R)[:, None] & c_ok[None, :]  # [BLOCK_R, BLOCK_C]
+            rec = col_rec_ptr + rr[:, None].to(tl.int64) * 5 * C + cols[None, :]  # [BLOCK_R, BLOCK_C]
+            s_mp += n_k[:, None] * tl.load(rec, mask=ok, other=0.0).to(tl.float64)
+            s_mq += n_k[:, None] * tl.load(rec + C, mask=ok, other=0.0).to(tl.float64)
+            r0 += BLOCK_R
+        mu_p = tl.sum(s_mp, axis=0) * inv_total  # [BLOCK_C]
+        mu_q = tl.sum(s_mq, axis=0) * inv_total  # [BLOCK_C]
+        # pass 2: M2 = sum_k M2_k + n_k (mu_k - mu)^2, C_pq = sum_k C_k + n_k dp_k dq_k
+        s_m2p = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # [BLOCK_R, BLOCK_C]
+        s_m2q = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # [BLOCK_R, BLOCK_C]
+        s_cpq = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float64)  # [BLOCK_R, BLOCK_C]
+        r0 = 0
+        while r0 < R:
+            rr = r0 + r_off  # [BLOCK_R]
+            n_k = tl.load(row_rec_ptr + rr * 2 + 1, mask=rr < R, other=0.0).to(tl.float64)  # [BLOCK_R]
+            ok = (rr < R)[:, None] & c_ok[None, :]  # [BLOCK_R, BLOCK_C]
+            rec = col_rec_ptr + rr[:, None].to(tl.int64) * 5 * C + cols[None, :]  # [BLOCK_R, BLOCK_C]
+            d_p = tl.where(ok, tl.load(rec, mask=ok, other=0.0).to(tl.float64) - mu_p[None, :], 0.0)
+            d_q = tl.where(ok, tl.load(rec + C, mask=ok, other=0.0).to(tl.float64) - mu_q[None, :], 0.0)
+            s_m2p += tl.load(rec + 2 * C, mask=ok, other=0.0).to(tl.float64) + n_k[:, None] * d_p * d_p
+            s_m2q += tl.load(rec + 3 * C, mask=ok, other=0.0).to(tl.float64) + n_k[:, None] * d_q * d_q
+            s_cpq += tl.load(rec + 4 * C, mask=ok, other=0.0).to(tl.float64) + n_k[:, None] * d_p * d_q
+            r0 += BLOCK_R
+        m2_p = tl.sum(s_m2p, axis=0)  # [BLOCK_C]
+        m2_q = tl.sum(s_m2q, axis=0)  # [BLOCK_C]
+        c_pq = tl.sum(s_cpq, axis=0)  # [BLOCK_C]
+        out = col_out_ptr + cols  # [BLOCK_C] pointers
+        ty = col_out_ptr.dtype.element_ty
+        tl.store(out, mu_p.to(ty), mask=c_ok)
+        tl.store(out + C, mu_q.to(ty), mask=c_ok)
+        if COEF:
+            n_a = tl.sqrt(m2_p)  # [BLOCK_C]
+            n_b = tl.sqrt(m2_q)  # [BLOCK_C]
+            den = n_a * n_b + eps  # [BLOCK_C]
+            col_r += tl.where(c_ok, c_pq / den, 0.0)
+            k_d2 = k_col * c_pq / (den * den)  # [BLOCK_C]
+            # a term whose norm in the denominator is 0 is 0 (inner where keeps the other branch finite)
+            k_as = tl.where(n_a > 0, k_d2 * n_b / tl.where(n_a > 0, n_a, 1.0), 0.0)  # [BLOCK_C]
+            k_at = tl.where(n_b > 0, k_d2 * n_a / tl.where(n_b > 0, n_b, 1.0), 0.0)  # [BLOCK_C]
+            tl.store(out + 2 * C, (k_col / den).to(ty), mask=c_ok)
+            tl.store(out + 3 * C, k_as.to(ty), mask=c_ok)
+            tl.store(out + 4 * C, k_at.to(ty), mask=c_ok)
+        else:
+            tl.store(out + 2 * C, m2_p.to(ty), mask=c_ok)
+            tl.store(out + 3 * C, m2_q.to(ty), mask=c_ok)
+            tl.store(out + 4 * C, c_pq.to(ty), mask=c_ok)
+        c0 += BLOCK_C
+    if COEF:
+        # no kept row: count 1, sum r = 0 and C_pq = 0, i.e. both correlations 0
+        count = tl.maximum(total, 1.0)
+        loss = c_row * (1.0 - sum_r / count) + c_col * (1.0 - tl.sum(col_r, axis=0) / C)
+        tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+        tl.store(row_out_ptr, (k_row / count).to(row_out_ptr.dtype.element_ty))
+    else:
+        tl.store(row_out_ptr, sum_r.to(row_out_ptr.dtype.element_ty))
+        tl.store(row_out_ptr + 1, total.to(row_out_ptr.dtype.element_ty))
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -490,27 +596,27 @@ def _layout_key(strides: tuple[int, int, int]) -> str:
     return "c1" if strides[2] == 1 else ("hw1" if strides[1] == 1 else "gen")
 
 
-def dist_forward_stats(
+def dist_forward_records(
     student: torch.Tensor,
     teacher: torch.Tensor,
     tau: float,
     mask: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DIST statistics of one forward pass (see module docstring).
+    """Per-chunk statistics records of one forward pass (the statistics kernel only, one launch).
 
-    Returns row_stats float64 (2,) = [sum_i r_i, M] and col_stats float64 (5, C) =
-    [mu_p, mu_q, M2_p, M2_q, C_pq] over the kept rows. `config` forces one of FWD_CONFIGS.
+    Returns row_rec float32 (R, 2) = [sum r_i, kept rows] and col_rec float32 (R, 5, C) =
+    [mu_p, mu_q, M2_p, M2_q, C_pq] of each chunk of consecutive rows (R = 0 for N = 0), the input of
+    ``dist_finalize`` / ``dist_merge_records``. `config` forces one of FWD_CONFIGS.
     """
     s, t, m, n, C, hw, s_str, t_str, tp = _prepare(student, teacher, mask)
     dev = s.device
-    if n == 0:
-        return (torch.zeros(2, dtype=torch.float64, device=dev),
-                torch.zeros(5, C, dtype=torch.float64, device=dev))
     chunk_rows = tp["GROUP_ROWS"] * tp["MERGE_GROUPS"]
     num_chunks = triton.cdiv(n, chunk_rows)
     row_part = torch.empty(num_chunks, 2, dtype=torch.float32, device=dev)
     col_part = torch.empty(num_chunks, 5, C, dtype=torch.float32, device=dev)
+    if n == 0:
+        return row_part, col_part
     m_arg = m if m is not None else row_part  # never read when HAS_MASK is False
 
     def launch(cfg: dict) -> None:
@@ -529,23 +635,84 @@ def dist_forward_stats(
                    triton.next_power_of_2(num_chunks))
             config = _pick_config(key, FWD_CONFIGS, _FWD_DEFAULT, launch, dev)
         launch(config)
-    return _finalize(row_part, col_part)
+    return row_part, col_part
 
 
-def _finalize(row_part: torch.Tensor, col_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic fp64 merge of the chunk records (multi-set form of the Chan et al. merge)."""
-    rp = row_part.double()  # (R, 2)
-    cp = col_part.double()  # (R, 5, C)
-    n_k = rp[:, 1]  # (R,)
-    total = n_k.sum()
-    row_stats = torch.stack([rp[:, 0].sum(), total])
-    w = n_k[:, None, None]  # (R, 1, 1)
-    mu = (w * cp[:, 0:2]).sum(0) / total.clamp_min(1.0)  # (2, C)
-    d = cp[:, 0:2] - mu  # (R, 2, C)
-    m2 = cp[:, 2:4].sum(0) + (w * d * d).sum(0)  # (2, C)
-    cpq = cp[:, 4].sum(0) + (n_k[:, None] * d[:, 0] * d[:, 1]).sum(0)  # (C,)
-    col_stats = torch.cat([mu, m2, cpq[None]], dim=0)  # (5, C)
+# finalize tile: fixed (never tuned), so the merge order depends on (R, C) only
+_FIN_BLOCK_R = 32
+_FIN_NUM_WARPS = 4
+
+
+def _fin_block_c(C: int) -> int:
+    return min(32, max(2, triton.next_power_of_2(C)))
+
+
+def _launch_finalize(row_rec: torch.Tensor, col_rec: torch.Tensor, outs: tuple, consts: tuple,
+                     coef: bool) -> None:
+    """One program merging every record in a fixed order (fp64); see ``_dist_finalize_kernel``."""
+    if row_rec.dim() != 2 or row_rec.shape[1] != 2 or col_rec.dim() != 3 or col_rec.shape[1] != 5 \
+            or col_rec.shape[0] != row_rec.shape[0]:
+        raise ValueError(f"records must be (R, 2) and (R, 5, C), got {tuple(row_rec.shape)} and "
+                         f"{tuple(col_rec.shape)}")
+    C = col_rec.shape[2]
+    with _on_device(row_rec.device):
+        _dist_finalize_kernel[(1,)](
+            row_rec.contiguous(), col_rec.contiguous(), *outs, row_rec.shape[0], C, *consts,
+            BLOCK_R=_FIN_BLOCK_R, BLOCK_C=_fin_block_c(C), COEF=coef, num_warps=_FIN_NUM_WARPS,
+        )
+
+
+def dist_merge_records(row_rec: torch.Tensor, col_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic fp64 merge of records (multi-set Chan merge, one launch): row_stats float64 (2,)
+    = [sum r_i, M], col_stats float64 (5, C) = [mu_p, mu_q, M2_p, M2_q, C_pq]."""
+    dev, C = row_rec.device, col_rec.shape[2]
+    row_stats = torch.empty(2, dtype=torch.float64, device=dev)
+    col_stats = torch.empty(5, C, dtype=torch.float64, device=dev)
+    # loss_ptr is not written when COEF is False
+    _launch_finalize(row_rec, col_rec, (row_stats, col_stats, row_stats), (0.0,) * 5, coef=False)
     return row_stats, col_stats
+
+
+def dist_finalize(
+    row_rec: torch.Tensor,
+    col_rec: torch.Tensor,
+    beta: float,
+    gamma: float,
+    tau: float,
+    world: int,
+    eps: float,
+    out_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss (0-d), col_coef (5, C) = [mu_p, mu_q, kB, kA_s, kA_t] and row_coef (1,) = [w_row] from
+    records (one launch; see fastdist.loss.stats for the formulas and the no-kept-row convention).
+
+    row_rec (R, 2) and col_rec (R, 5, C), fp32 or fp64: the chunk records of ``dist_forward_records``
+    or the per-rank statistics gathered with ``intra_sync`` (then ``world`` = number of ranks).
+    The records are merged in fp64 in a fixed order; outputs are ``out_dtype``.
+    """
+    dev, C = row_rec.device, col_rec.shape[2]
+    loss = torch.empty((), dtype=out_dtype, device=dev)
+    col_coef = torch.empty(5, C, dtype=out_dtype, device=dev)
+    row_coef = torch.empty(1, dtype=out_dtype, device=dev)
+    tau2 = float(tau) * float(tau)
+    consts = (tau2 * beta, tau2 * gamma, -tau2 * gamma * world / C, -tau2 * beta * world, float(eps))
+    _launch_finalize(row_rec, col_rec, (loss, col_coef, row_coef), consts, coef=True)
+    return loss, col_coef, row_coef
+
+
+def dist_forward_stats(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    tau: float,
+    mask: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DIST statistics of one forward pass (see module docstring); two launches.
+
+    Returns row_stats float64 (2,) = [sum_i r_i, M] and col_stats float64 (5, C) =
+    [mu_p, mu_q, M2_p, M2_q, C_pq] over the kept rows. `config` forces one of FWD_CONFIGS.
+    """
+    return dist_merge_records(*dist_forward_records(student, teacher, tau, mask, config))
 
 
 def _grad_buffer(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -621,12 +788,184 @@ def dist_backward(
         dt_out.copy_(dt)
     return ds_out, dt_out
 
-
 # ----------------------------------------------------------------------------------------------
-# Ahead-of-time compile specs (tests/aot)
+# Compile specs: tests/aot and benchmarks/kernel_report.py (static roofline)
 # ----------------------------------------------------------------------------------------------
 
-_TRITON_TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64"}
+_TRITON_TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
+              torch.uint8: "*u8"}
+# shape the hints of a spec are derived for: the recipe's per-GPU logits (2, C, 64, 128), 16k rows
+_SPEC_SHAPE_4D = (2, 64, 128)  # (B, H, W)
+_SPEC_ROWS_2D = 16384
+# aot_kernel_specs' stride-pattern names -> layout names of report_specs
+_AOT_LAYOUTS = {"c1": "nhwc", "hw1": "nchw", "gen": "gen"}
+
+
+def _layout_strides(layout: str, C: int, shape: tuple[int, ...]) -> tuple[int, int, tuple[int, int, int]]:
+    """(N, HW, (stride_b, stride_hw, stride_c)) the launchers pass for a dense tensor of `layout`
+    ("nchw", "nhwc", "2d"; "gen": an NCHW tensor read through a [::3]-strided view) and `shape`."""
+    if layout == "2d":
+        n = shape[0]
+        return n, n, (0, C, 1)
+    b, _, h, w = shape
+    hw = h * w
+    strides = {"nchw": (C * hw, 1, hw), "nhwc": (hw * C, C, 1), "gen": (3 * C * hw, 3, 3 * hw)}
+    if layout not in strides:
+        raise ValueError(f"layout must be 'nchw', 'nhwc', '2d' or 'gen', got {layout!r}")
+    return b * hw, hw, strides[layout]
+
+
+def _spec_shape(layout: str, C: int) -> tuple[int, ...]:
+    return (_SPEC_ROWS_2D, C) if layout == "2d" else (_SPEC_SHAPE_4D[0], C, *_SPEC_SHAPE_4D[1:])
+
+
+class _Spec(dict):
+    """A compile spec: a dict that pickles its kernel by name (a JITFunction itself does not pickle),
+    so that specs can be sent to a process pool."""
+
+    def __reduce__(self):
+        fields = {k: v for k, v in self.items() if k != "fn"}
+        return _load_spec, (fields, self["fn"].fn.__name__)
+
+
+def _load_spec(fields: dict, kernel_name: str) -> _Spec:
+    return _Spec(fields, fn=globals()[kernel_name])
+
+
+def _make_spec(fn, kernel: str, args: dict, const: dict, launch: dict, meta: dict, aligned: bool) -> dict:
+    """One compile spec from the launch arguments, specialised as Triton's JIT does at run time: an
+    int equal to 1 becomes a constexpr, an int divisible by 16 and every torch-allocated pointer get
+    a divisibility-16 hint (only with ``aligned``), floats are fp32. `args` maps each runtime argument
+    name to its value (int / float) or, for a pointer, the tensor's torch dtype."""
+    signature, constexprs, hinted = {}, dict(const), []
+    for i, name in enumerate(fn.arg_names):
+        value = constexprs.get(name, args.get(name))
+        if name in const:
+            signature[name] = "constexpr"
+        elif isinstance(value, torch.dtype):
+            signature[name] = _TRITON_TY[value]
+            hinted.append(i)
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                hinted.append(i)
+    flags = ",".join(f"{k}={v}" for k, v in const.items() if isinstance(v, bool))
+    cfg = ",".join(f"{k}={launch[k]}" for k in ("num_stages",) if k in launch)
+    tuned = ",".join(f"{k}={v}" for k, v in const.items() if k.endswith("_PER_PROGRAM"))
+    name = f"{kernel}[C={meta['C']},{meta['layout']},{flags}][{tuned},{cfg}]"
+    name += "[aligned]" if aligned else ""
+    return _Spec(name=name, fn=fn, signature=signature, constexprs=constexprs,
+                 attrs={(i,): [["tt.divisibility", 16]] for i in hinted} if aligned else {},
+                 num_warps=launch["num_warps"], num_stages=launch.get("num_stages", 3),
+                 maxnreg=launch.get("maxnreg"), loss="dist", kernel=kernel, **meta)
+
+
+def _fwd_spec(C, s_dt, t_dt, layout, shape, has_mask, one_image, cfg, aligned) -> dict:
+    """The statistics kernel exactly as ``dist_forward_records`` launches it."""
+    tp = tile_params(C)
+    n, hw, s_str = _layout_strides(layout, C, shape)
+    num_chunks = triton.cdiv(n, tp["GROUP_ROWS"] * tp["MERGE_GROUPS"])
+    args = {"s_ptr": s_dt, "t_ptr": t_dt, "m_ptr": torch.uint8 if has_mask else torch.float32,
+            "row_part_ptr": torch.float32, "col_part_ptr": torch.float32, "N": n, "C": C, "HW": hw,
+            **dict(zip(("s_sb", "s_shw", "s_sc"), s_str, strict=True)),
+            **dict(zip(("t_sb", "t_shw", "t_sc"), s_str, strict=True)),
+            "tau": 1.0, "num_chunks": num_chunks}
+    const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["GROUP_ROWS"], "MERGE_GROUPS": tp["MERGE_GROUPS"],
+             "CHUNKS_PER_PROGRAM": cfg["CHUNKS_PER_PROGRAM"], "HAS_MASK": has_mask, "ONE_IMAGE": one_image}
+    launch = {"num_warps": tp["num_warps"], "num_stages": cfg["num_stages"], "maxnreg": tp["maxnreg"]}
+    return _make_spec(_dist_fwd_kernel, "fwd", args, const, launch, _meta(C, s_dt, layout), aligned)
+
+
+def _bwd_spec(C, s_dt, t_dt, layout, shape, has_mask, need_s, need_t, one_image, cfg, aligned) -> dict:
+    """The backward kernel exactly as ``dist_backward`` launches it (gradients: dense, input strides)."""
+    tp = tile_params(C)
+    n, hw, strides = _layout_strides(layout, C, shape)
+    args = {"s_ptr": s_dt, "t_ptr": t_dt, "m_ptr": torch.uint8 if has_mask else torch.float32,
+            "ds_ptr": s_dt if need_s else t_dt, "dt_ptr": t_dt if need_t else s_dt,
+            "col_coef_ptr": torch.float32, "row_coef_ptr": torch.float32, "grad_out_ptr": torch.float32,
+            "N": n, "C": C, "HW": hw, "tau": 1.0}
+    for pre in ("s", "t", "ds", "dt"):
+        args.update(zip((f"{pre}_sb", f"{pre}_shw", f"{pre}_sc"), strides, strict=True))
+    const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["BWD_GROUP_ROWS"],
+             "GROUPS_PER_PROGRAM": cfg["GROUPS_PER_PROGRAM"], "HAS_MASK": has_mask, "NEED_S": need_s,
+             "NEED_T": need_t, "ONE_IMAGE": one_image}
+    launch = {"num_warps": tp["num_warps"], "num_stages": cfg["num_stages"], "maxnreg": tp["maxnreg"]}
+    return _make_spec(_dist_bwd_kernel, "bwd", args, const, launch, _meta(C, s_dt, layout), aligned)
+
+
+def _finalize_spec(C, s_dt, layout, shape, coef, rec_dt, aligned) -> dict:
+    """The finalize kernel as ``dist_finalize`` (coef=True) / ``dist_merge_records`` launch it."""
+    tp = tile_params(C)
+    n = _layout_strides(layout, C, shape)[0]
+    out_dt = torch.float64 if (s_dt == torch.float64 or not coef) else torch.float32
+    args = {"row_rec_ptr": rec_dt, "col_rec_ptr": rec_dt, "loss_ptr": out_dt, "col_out_ptr": out_dt,
+            "row_out_ptr": out_dt, "R": triton.cdiv(n, tp["GROUP_ROWS"] * tp["MERGE_GROUPS"]), "C": C,
+            **{k: 1.0 for k in ("c_row", "c_col", "k_col", "k_row", "eps")}}
+    const = {"BLOCK_R": _FIN_BLOCK_R, "BLOCK_C": _fin_block_c(C), "COEF": coef}
+    spec = _make_spec(_dist_finalize_kernel, "finalize", args, const, {"num_warps": _FIN_NUM_WARPS},
+                      _meta(C, s_dt, layout), aligned)
+    spec["name"] += f"[records={_TRITON_TY[rec_dt]}]"
+    return spec
+
+
+def _meta(C: int, s_dt: torch.dtype, layout: str) -> dict:
+    return {"C": C, "dtype": str(s_dt).removeprefix("torch."), "layout": layout}
+
+
+def report_specs(C: int, dtype: torch.dtype, layout: str) -> list[dict]:
+    """The kernels one default forward+backward launches for student and teacher of `dtype`, dense
+    `layout` ("nchw", "nhwc", "2d"), no mask, student gradient only: [fwd, finalize, bwd], with the
+    run-time specialisation (constexprs, signature, divisibility hints) of the shape
+    (2, C, 64, 128) (4-D) or (16384, C) ("2d"), i.e. H*W and N multiples of 16."""
+    if layout not in ("nchw", "nhwc", "2d"):
+        raise ValueError(f"layout must be 'nchw', 'nhwc' or '2d', got {layout!r}")
+    shape = _spec_shape(layout, C)
+    one_image = _one_image(*_layout_strides(layout, C, shape)[:2], tile_params(C)["GROUP_ROWS"])
+    return [_fwd_spec(C, dtype, dtype, layout, shape, False, one_image, _FWD_DEFAULT, True),
+            _finalize_spec(C, dtype, layout, shape, True, torch.float32, True),
+            _bwd_spec(C, dtype, dtype, layout, shape, False, True, False, one_image, _BWD_DEFAULT, True)]
+
+
+def program_plan(spec: dict, shape: tuple[int, ...]) -> dict:
+    """Grid, rows per program, loop trip counts (source order, loops with a constant trip count of 1
+    fold away at compile time) and minimum HBM bytes per row of one `spec` for logits of `shape`."""
+    C = spec["C"]
+    n = shape[0] if len(shape) == 2 else shape[0] * shape[2] * shape[3]
+    const = spec["constexprs"]
+    elt = {"*fp32": 4, "*fp16": 2, "*bf16": 2, "*fp64": 8}
+    sig = spec["signature"]
+    mask_b = 1 if const.get("HAS_MASK") else 0
+    if spec["kernel"] == "fwd":
+        chunk_rows = const["GROUP_ROWS"] * const["MERGE_GROUPS"]
+        num_chunks = triton.cdiv(n, chunk_rows)
+        cpp = const["CHUNKS_PER_PROGRAM"]
+        rows = chunk_rows * cpp
+        trips = [cpp, const["MERGE_GROUPS"]]
+        moved = C * (elt[sig["s_ptr"]] + elt[sig["t_ptr"]]) + mask_b + (8 + 20 * C) / chunk_rows
+        return {"programs": triton.cdiv(num_chunks, cpp), "rows_per_program": rows,
+                "loop_trips": [t for t in trips if t > 1], "bytes_per_row": float(moved)}
+    if spec["kernel"] == "bwd":
+        gpp = const["GROUPS_PER_PROGRAM"]
+        rows = const["GROUP_ROWS"] * gpp
+        grads = ((elt[sig["ds_ptr"]] if const["NEED_S"] else 0)
+                 + (elt[sig["dt_ptr"]] if const["NEED_T"] else 0))
+        moved = C * (elt[sig["s_ptr"]] + elt[sig["t_ptr"]] + grads) + mask_b + (20 * C + 8) / max(n, 1)
+        return {"programs": triton.cdiv(triton.cdiv(n, const["GROUP_ROWS"]), gpp), "rows_per_program": rows,
+                "loop_trips": [gpp] if gpp > 1 else [], "bytes_per_row": float(moved)}
+    tp = tile_params(C)
+    records = triton.cdiv(n, tp["GROUP_ROWS"] * tp["MERGE_GROUPS"])
+    r_trips = triton.cdiv(records, const["BLOCK_R"])
+    rec_b, out_b = elt[sig["row_rec_ptr"]], elt[sig["col_out_ptr"]]
+    moved = rec_b * records * (2 + 5 * C) * 3 + out_b * (5 * C + 2)  # row records read 3x (cached)
+    # loops: records (sum r, n), column tiles, and in each column tile two passes over the records
+    return {"programs": 1, "rows_per_program": 0,
+            "loop_trips": [r_trips, triton.cdiv(C, const["BLOCK_C"]), r_trips, r_trips],
+            "bytes_per_row": moved / max(n, 1)}
 
 
 def aot_kernel_specs(
@@ -638,83 +977,40 @@ def aot_kernel_specs(
     layouts: tuple[str, ...] = ("c1", "hw1"),
     aligned: bool = False,
 ) -> list[dict]:
-    """The (kernel, signature, constexprs, num_warps, num_stages) the launchers JIT for C classes.
+    """The kernel specialisations the launchers JIT for C classes, for tests/aot.
 
-    Each entry: {"name", "fn" (the raw JITFunction), "signature", "constexprs", "num_warps",
-    "num_stages", "maxnreg"}, ready for triton.compile(ASTSource(fn, signature, constexprs), target,
-    options={"num_warps": ..., "num_stages": ..., "maxnreg": ...}).
-    configs: "all" (every autotune config) or "default". variants: "heaviest" (forward with mask,
-    backward with mask writing dS and dT, groups within one image) or "all" (also: forward without
-    mask, backward dS only / dT only, and the ONE_IMAGE=False variants). The backward is always
-    compiled with HAS_MASK=True (the mask adds one load; no mask is lighter).
-    layouts: the stride specialisations Triton makes at run time: "c1" (class stride 1: 2-D row-major,
-    channels-last), "hw1" (row stride 1: NCHW), "gen" (no unit stride). Gradients are written in the
-    input dtype (dS: student dtype, dT: teacher dtype).
-    aligned: add the divisibility-by-16 hints Triton derives at run time for torch allocations and
-    typical feature maps (every pointer; N, HW and the image strides; for "hw1" the class strides,
-    for "c1" the row strides when C % 16 == 0); entries then carry "attrs" for ASTSource (else an
-    empty dict).
+    Entries as ``report_specs`` (ready for ``triton.compile(ASTSource(fn, signature, constexprs,
+    attrs), target, options={num_warps, num_stages, maxnreg})``), each derived from the launcher's
+    arguments for its own layout. configs: "all" (every autotune config) or "default". variants:
+    "heaviest" (forward with mask, backward with mask writing dS and dT, groups within one image,
+    fp32 finalize) or "all" (also: the default no-mask forward and dS-only backward, masked dS-only /
+    dT-only backward, groups spanning images, and the fp64 merge / finalize of ``intra_sync``).
+    layouts: the stride patterns Triton specialises on: "c1" (class stride 1: channels-last, 2-D),
+    "hw1" (row stride 1: NCHW), "gen" (no unit stride). aligned: the divisibility-by-16 hints Triton
+    derives for torch allocations of shape (2, C, 64, 128); else no hints.
     """
     if configs not in ("all", "default") or variants not in ("all", "heaviest"):
         raise ValueError(f"configs must be 'all' or 'default', variants 'all' or 'heaviest'; "
                          f"got {configs!r}, {variants!r}")
-    tp = tile_params(C)
-    s_ty, t_ty = _TRITON_TY[student_dtype], _TRITON_TY[teacher_dtype]
+    s_dt, t_dt = student_dtype, teacher_dtype
     fwd_cfgs = FWD_CONFIGS if configs == "all" else (_FWD_DEFAULT,)
     bwd_cfgs = BWD_CONFIGS if configs == "all" else (_BWD_DEFAULT,)
-    # flag variants: (HAS_MASK, ONE_IMAGE) and (NEED_S, NEED_T, ONE_IMAGE); the heaviest first
+    # flag variants: (HAS_MASK, ONE_IMAGE) and (HAS_MASK, NEED_S, NEED_T, ONE_IMAGE); the heaviest first
     fwd_vars = [(True, True)]
-    bwd_vars = [(True, True, True)]
+    bwd_vars = [(True, True, True, True)]
+    fin_vars = [(True, torch.float32)]
     if variants == "all":
         fwd_vars += [(False, True), (True, False)]
-        bwd_vars += [(True, False, True), (False, True, True), (True, True, False)]
+        bwd_vars += [(False, True, False, True), (True, True, False, True), (True, False, True, True),
+                     (True, True, True, False)]
+        fin_vars += [(False, torch.float32), (True, torch.float64)]
     specs = []
-    for layout in layouts:
-        fwd_ones = {"c1": ("s_sc", "t_sc"), "hw1": ("s_shw", "t_shw"), "gen": ()}[layout]
-        div16 = ("N", "HW", "s_sb", "t_sb", "ds_sb", "dt_sb")
-        if layout == "hw1":
-            div16 += ("s_sc", "t_sc", "ds_sc", "dt_sc")
-        elif layout == "c1" and C % 16 == 0:  # row stride = C
-            div16 += ("s_shw", "t_shw", "ds_shw", "dt_shw")
-        bwd_ones = {"c1": ("s_sc", "t_sc", "ds_sc", "dt_sc"),
-                    "hw1": ("s_shw", "t_shw", "ds_shw", "dt_shw"), "gen": ()}[layout]
-        fwd_sig = {"s_ptr": s_ty, "t_ptr": t_ty, "m_ptr": "*u8", "row_part_ptr": "*fp32",
-                   "col_part_ptr": "*fp32", "N": "i32", "C": "i32", "HW": "i32",
-                   "s_sb": "i32", "s_shw": "i32", "s_sc": "i32", "t_sb": "i32", "t_shw": "i32",
-                   "t_sc": "i32", "tau": "fp32", "num_chunks": "i32"}
-        for has_mask, one_img in fwd_vars:
-            for cfg in fwd_cfgs:
-                const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["GROUP_ROWS"],
-                         "MERGE_GROUPS": tp["MERGE_GROUPS"], "CHUNKS_PER_PROGRAM": cfg["CHUNKS_PER_PROGRAM"],
-                         "HAS_MASK": has_mask, "ONE_IMAGE": one_img, **{k: 1 for k in fwd_ones}}
-                specs.append({"name": f"fwd[C={C},{layout},mask={has_mask},one_image={one_img},cfg={cfg}]",
-                              "fn": _dist_fwd_kernel,
-                              "signature": {**fwd_sig, **{k: "constexpr" for k in const}},
-                              "constexprs": const, "num_warps": tp["num_warps"],
-                              "num_stages": cfg["num_stages"], "maxnreg": tp["maxnreg"]})
-        for need_s, need_t, one_img in bwd_vars:
-            bwd_sig = {"s_ptr": s_ty, "t_ptr": t_ty, "m_ptr": "*u8",
-                       "ds_ptr": s_ty if need_s else t_ty, "dt_ptr": t_ty if need_t else s_ty,
-                       "col_coef_ptr": "*fp32", "row_coef_ptr": "*fp32", "grad_out_ptr": "*fp32",
-                       "N": "i32", "C": "i32", "HW": "i32"}
-            for pre in ("s", "t", "ds", "dt"):
-                bwd_sig.update({f"{pre}_sb": "i32", f"{pre}_shw": "i32", f"{pre}_sc": "i32"})
-            bwd_sig["tau"] = "fp32"
-            for cfg in bwd_cfgs:
-                const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["BWD_GROUP_ROWS"],
-                         "GROUPS_PER_PROGRAM": cfg["GROUPS_PER_PROGRAM"], "HAS_MASK": True,
-                         "NEED_S": need_s, "NEED_T": need_t, "ONE_IMAGE": one_img,
-                         **{k: 1 for k in bwd_ones}}
-                specs.append({"name": f"bwd[C={C},{layout},dS={need_s},dT={need_t},one_image={one_img},"
-                                      f"cfg={cfg}]",
-                              "fn": _dist_bwd_kernel,
-                              "signature": {**bwd_sig, **{k: "constexpr" for k in const}},
-                              "constexprs": const, "num_warps": tp["num_warps"],
-                              "num_stages": cfg["num_stages"], "maxnreg": tp["maxnreg"]})
-    for sp in specs:
-        names = sp["fn"].arg_names
-        hinted = [i for i, a in enumerate(names) if sp["signature"][a].startswith("*")
-                  or (a in div16 and sp["signature"][a] != "constexpr")] if aligned else []
-        sp["attrs"] = {(i,): [["tt.divisibility", 16]] for i in hinted}
-        sp["name"] += "[aligned]" if aligned else ""
+    for key in layouts:
+        layout = _AOT_LAYOUTS[key]
+        shape = _spec_shape(layout, C)
+        specs += [_fwd_spec(C, s_dt, t_dt, layout, shape, m, one, cfg, aligned)
+                  for m, one in fwd_vars for cfg in fwd_cfgs]
+        specs += [_bwd_spec(C, s_dt, t_dt, layout, shape, m, ns, nt, one, cfg, aligned)
+                  for m, ns, nt, one in bwd_vars for cfg in bwd_cfgs]
+        specs += [_finalize_spec(C, s_dt, layout, shape, coef, rec, aligned) for coef, rec in fin_vars]
     return specs

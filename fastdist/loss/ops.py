@@ -47,15 +47,31 @@ def dist_loss_fwd(
     group: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Loss (0-d), col_coef (5, C), row_coef (1,) of the fused backends."""
-    row_stats, col_stats = _backend_module(backend, student.device).dist_forward_stats(
-        student, teacher, tau, mask
-    )
+    module = _backend_module(backend, student.device)
+    dtype = stats.output_dtype(student, teacher)
+    if backend == "triton":
+        return _triton_forward(module, student, teacher, mask, tau, beta, gamma, intra_sync, group, dtype)
+    row_stats, col_stats = module.dist_forward_stats(student, teacher, tau, mask)
     world = 1
     if intra_sync:
         row_stats, col_stats, world = sync.all_gather_merge(row_stats, col_stats, group)
-    dtype = stats.output_dtype(student, teacher)
     loss, col_coef, row_coef = stats.coefficients(row_stats, col_stats, beta, gamma, tau, world, dtype)
     return loss.to(dtype), col_coef, row_coef
+
+
+def _triton_forward(
+    module: ModuleType, student: Tensor, teacher: Tensor, mask: Tensor | None, tau: float, beta: float,
+    gamma: float, intra_sync: bool, group: str, dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Statistics kernel, then the finalize kernel writing loss and coefficients (two launches, no
+    torch op between). With ``intra_sync`` the per-rank records are first merged into one (one more
+    launch) and all-gathered: the finalize then merges the W rank records in rank order."""
+    row_rec, col_rec = module.dist_forward_records(student, teacher, tau, mask)
+    world = 1
+    if intra_sync:
+        row_stats, col_stats = module.dist_merge_records(row_rec, col_rec)
+        row_rec, col_rec, world = sync.all_gather_records(row_stats, col_stats, group)
+    return module.dist_finalize(row_rec, col_rec, beta, gamma, tau, world, stats.EPS, dtype)
 
 
 @dist_loss_fwd.register_fake
@@ -105,9 +121,14 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
     _, col_coef, row_coef = output
     ctx.save_for_backward(student, teacher, mask, col_coef, row_coef)
     ctx.tau, ctx.backend = tau, backend
+    # col_coef / row_coef never get a gradient: no zero tensors are made (and launched) for them
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, _gc: Tensor, _gr: Tensor) -> tuple:
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor | None, _gc: object,
+              _gr: object) -> tuple:
+    if grad_loss is None:  # only col_coef / row_coef were used
+        return (None,) * 9
     student, teacher, mask, col_coef, row_coef = ctx.saved_tensors
     need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     d_student, d_teacher = dist_loss_bwd(

@@ -34,18 +34,32 @@ def _require_initialized() -> None:
         raise RuntimeError("intra_sync=True needs an initialized torch.distributed process group")
 
 
-def all_gather_merge(row_stats: Tensor, col_stats: Tensor, key: str) -> tuple[Tensor, Tensor, int]:
-    """Global (row_stats, col_stats) over the ranks of the group, and the group size W."""
+def _gather_packed(row_stats: Tensor, col_stats: Tensor, key: str) -> list[Tensor]:
+    """Every rank's [row_stats, col_stats.flatten()] (2 + 5 C,), in rank order."""
     _require_initialized()
     group = resolve_group(key)
-    world = dist.get_world_size(group)
     packed = torch.cat([row_stats, col_stats.flatten()])
-    parts = [torch.empty_like(packed) for _ in range(world)]
+    parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, packed, group=group)
+    return parts
+
+
+def all_gather_merge(row_stats: Tensor, col_stats: Tensor, key: str) -> tuple[Tensor, Tensor, int]:
+    """Global (row_stats, col_stats) over the ranks of the group, and the group size W."""
+    parts = _gather_packed(row_stats, col_stats, key)
     row, col = parts[0][:2], parts[0][2:].view_as(col_stats)
     for part in parts[1:]:
         row, col = merge_stats(row, col, part[:2], part[2:].view_as(col_stats))
-    return row, col, world
+    return row, col, len(parts)
+
+
+def all_gather_records(row_stats: Tensor, col_stats: Tensor, key: str) -> tuple[Tensor, Tensor, int]:
+    """Every rank's (row_stats (2,), col_stats (5, C)) stacked in rank order, (W, 2) and (W, 5, C), and
+    the group size W: the records the Triton finalize kernel merges (identically on every rank)."""
+    parts = _gather_packed(row_stats, col_stats, key)
+    gathered = torch.stack(parts)  # (W, 2 + 5 C)
+    world = len(parts)
+    return gathered[:, :2].contiguous(), gathered[:, 2:].reshape(world, *col_stats.shape), world
 
 
 class _AllGather(torch.autograd.Function):
