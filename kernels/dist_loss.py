@@ -15,9 +15,11 @@ Column (intra) statistics over the kept rows, per class j:
     mu_p[j], mu_q[j],  M2_p[j] = sum_i (p_ij - mu_p[j])^2,  M2_q[j] likewise,
     C_pq[j] = sum_i (p_ij - mu_p[j]) (q_ij - mu_q[j])
 
-Forward (``dist_forward_stats``) returns row_stats = [sum_i r_i, M] (float64 (2,)) and
-col_stats = [mu_p, mu_q, M2_p, M2_q, C_pq] (float64 (5, C)); the loss itself is assembled by the
-front-end (fastdist.loss) from these statistics.
+Forward: ``dist_forward_records`` (statistics kernel) writes one record per chunk of rows;
+``dist_finalize`` (one-program finalize kernel) merges them and writes the loss, col_coef and
+row_coef (formulas in fastdist.loss.stats). ``dist_forward_stats`` returns the merged statistics
+row_stats = [sum_i r_i, M] (float64 (2,)) and col_stats = [mu_p, mu_q, M2_p, M2_q, C_pq]
+(float64 (5, C)) instead (torch backend parity, ``intra_sync``).
 
 Backward (``dist_backward``), closed form. With A = p - mu_p, B = q - mu_q and the coefficients
 computed by the front-end (col_coef = [mu_p, mu_q, kB, kA_s, kA_t] (5, C), row_coef = [w_row]):
@@ -50,13 +52,13 @@ Determinism and accuracy scheme
   record (fp32, [sum r, count] and [mu_p, mu_q, M2_p, M2_q, C_pq]) - no atomics. The partial buffer
   is 20 bytes per class per chunk, i.e. about 1-8% of bf16 logits.
 * The autotuned parameters are CHUNKS_PER_PROGRAM (forward) / GROUPS_PER_PROGRAM (backward), i.e.
-  how many consecutive chunks / groups one program walks through, and num_stages. They change neither
+  how many consecutive chunks / groups one program walks through. They change neither
   the tile, nor the chunk boundaries, nor any summation order, so every config produces bitwise
   identical partial records and gradients.
-* Finalize: the chunk records are merged in float64 with torch reductions over a tensor whose shape
-  depends only on (N, C) (the multi-set form of the Chan merge: mu = sum n_k mu_k / n,
-  M2 = sum M2_k + sum n_k (mu_k - mu)^2, C_pq = sum C_k + sum n_k dp_k dq_k). Torch sum reductions are
-  deterministic for a fixed shape and device. Column statistics are thus accurate for N up to many
+* Finalize: one program merges the chunk records in float64 (the multi-set form of the Chan merge:
+  mu = sum n_k mu_k / n, M2 = sum M2_k + sum n_k (mu_k - mu)^2, C_pq = sum C_k + sum n_k dp_k dq_k),
+  records accumulated in a fixed [BLOCK_R, BLOCK_C] tile then reduced, so the order depends on
+  (R, C) only. Column statistics are thus accurate for N up to many
   millions of rows (fp32 error only within one chunk of <= 256 rows, fp64 beyond).
 * The backward has no cross-row reduction; its per-row sums use a fixed tile
   [BWD_GROUP_ROWS, BLOCK_C], again a function of C only, so gradients are also identical across
@@ -82,6 +84,7 @@ argument of the launchers, and tests/aot compiles every config (``aot_kernel_spe
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -106,12 +109,14 @@ __all__ = [
 # Largest number of classes supported: a whole row lives in registers.
 MAX_C = 2048
 
-# Autotune candidates: (rows-per-program multiplier, num_stages). They never change the arithmetic.
-FWD_CONFIGS = tuple({"CHUNKS_PER_PROGRAM": c, "num_stages": s} for c in (1, 4) for s in (1, 2))
-BWD_CONFIGS = tuple({"GROUPS_PER_PROGRAM": g, "num_stages": s} for g in (1, 8) for s in (1, 2))
+# Autotune candidates: the rows-per-program multiplier; they never change the arithmetic. num_stages
+# is 1: num_stages=2 gave byte-identical SASS for every variant (sm_90, C=19; the loops' loads are
+# not pipelined), so those configs were dropped.
+FWD_CONFIGS = tuple({"CHUNKS_PER_PROGRAM": c, "num_stages": 1} for c in (1, 4))
+BWD_CONFIGS = tuple({"GROUPS_PER_PROGRAM": g, "num_stages": 1} for g in (1, 8))
 # used without tuning (interpreter, FASTDIST_AUTOTUNE=0, CUDA graph capture)
-_FWD_DEFAULT = FWD_CONFIGS[1]
-_BWD_DEFAULT = BWD_CONFIGS[1]
+_FWD_DEFAULT = FWD_CONFIGS[0]
+_BWD_DEFAULT = BWD_CONFIGS[0]
 
 # Triton decides at decoration time whether kernels run in the interpreter.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -162,16 +167,18 @@ def _row_softmax(
     cols,  # [BLOCK_C] int32 class index
     col_ok,  # [BLOCK_C] bool, class < C
     stride_c,  # element stride between classes
-    tau,  # temperature (fp32)
+    x_scale,  # log2(e) / tau (fp32, from the host): the softmax runs in base 2 (exp2)
 ):
     offs = row_base[:, None] + cols[None, :].to(tl.int64) * stride_c  # [GROUP_ROWS, BLOCK_C]
     ld_ok = row_ok[:, None] & col_ok[None, :]  # [GROUP_ROWS, BLOCK_C]
-    x = tl.load(ptr + offs, mask=ld_ok, other=0.0).to(tl.float32) / tau  # [GROUP_ROWS, BLOCK_C]
+    # x * log2(e) / tau: one multiply per element instead of a division
+    x = tl.load(ptr + offs, mask=ld_ok, other=0.0).to(tl.float32) * x_scale  # [GROUP_ROWS, BLOCK_C]
     # padded classes -> -inf so that they get probability exactly 0; padded rows stay finite (0)
     x = tl.where(col_ok[None, :], x, float("-inf"))  # [GROUP_ROWS, BLOCK_C]
     x_max = tl.max(x, axis=1)  # [GROUP_ROWS]
-    e = tl.exp(x - x_max[:, None])  # [GROUP_ROWS, BLOCK_C]
-    return e / tl.sum(e, axis=1)[:, None]  # [GROUP_ROWS, BLOCK_C]
+    e = tl.exp2(x - x_max[:, None])  # [GROUP_ROWS, BLOCK_C] = exp((s - max s) / tau)
+    inv_sum = 1.0 / tl.sum(e, axis=1)  # [GROUP_ROWS]: one reciprocal per row, not a division per element
+    return e * inv_sum[:, None]  # [GROUP_ROWS, BLOCK_C]
 
 
 @triton.jit
@@ -221,7 +228,7 @@ def _dist_fwd_kernel(
     t_sb,  # teacher stride between images (0 for 2-D)
     t_shw,  # teacher stride between consecutive rows of one image
     t_sc,  # teacher stride between classes
-    tau,  # temperature
+    x_scale,  # log2(e) / tau
     num_chunks,  # number of partial records = cdiv(N, GROUP_ROWS * MERGE_GROUPS)
     BLOCK_C: tl.constexpr,  # next_power_of_2(C)
     GROUP_ROWS: tl.constexpr,  # rows per register tile (fixed by C)
@@ -248,8 +255,8 @@ def _dist_fwd_kernel(
             first_row = (chunk * MERGE_GROUPS + g) * GROUP_ROWS
             rows, b_idx, hw_idx = _row_index(first_row, r_off, HW, ONE_IMAGE)  # [GROUP_ROWS] each
             row_ok = rows < N  # [GROUP_ROWS]
-            p = _row_softmax(s_ptr, b_idx * s_sb + hw_idx * s_shw, row_ok, cols, col_ok, s_sc, tau)
-            q = _row_softmax(t_ptr, b_idx * t_sb + hw_idx * t_shw, row_ok, cols, col_ok, t_sc, tau)
+            p = _row_softmax(s_ptr, b_idx * s_sb + hw_idx * s_shw, row_ok, cols, col_ok, s_sc, x_scale)
+            q = _row_softmax(t_ptr, b_idx * t_sb + hw_idx * t_shw, row_ok, cols, col_ok, t_sc, x_scale)
             kept = row_ok  # [GROUP_ROWS]
             if HAS_MASK:
                 kept = kept & (tl.load(m_ptr + rows, mask=row_ok, other=0) != 0)
@@ -327,7 +334,8 @@ def _dist_bwd_kernel(
     dt_sb,  # dT stride between images (0 for 2-D)
     dt_shw,  # dT stride between consecutive rows of one image
     dt_sc,  # dT stride between classes
-    tau,  # temperature
+    x_scale,  # log2(e) / tau
+    inv_tau,  # 1 / tau
     BLOCK_C: tl.constexpr,  # next_power_of_2(C)
     GROUP_ROWS: tl.constexpr,  # rows per register tile (fixed by C)
     GROUPS_PER_PROGRAM: tl.constexpr,  # tuned: consecutive groups handled by one program
@@ -340,7 +348,7 @@ def _dist_bwd_kernel(
     cols = tl.arange(0, BLOCK_C)  # [BLOCK_C]
     col_ok = cols < C  # [BLOCK_C]
     r_off = tl.arange(0, GROUP_ROWS)  # [GROUP_ROWS]
-    scale = tl.load(grad_out_ptr) / tau  # grad_out / tau
+    scale = tl.load(grad_out_ptr) * inv_tau  # grad_out / tau
     w_row = tl.load(row_coef_ptr)
     mu_p = tl.load(col_coef_ptr + cols, mask=col_ok, other=0.0)  # [BLOCK_C]
     mu_q = tl.load(col_coef_ptr + C + cols, mask=col_ok, other=0.0)  # [BLOCK_C]
@@ -351,8 +359,8 @@ def _dist_bwd_kernel(
         first_row = (pid * GROUPS_PER_PROGRAM + g) * GROUP_ROWS
         rows, b_idx, hw_idx = _row_index(first_row, r_off, HW, ONE_IMAGE)  # [GROUP_ROWS] each
         row_ok = rows < N  # [GROUP_ROWS]
-        p = _row_softmax(s_ptr, b_idx * s_sb + hw_idx * s_shw, row_ok, cols, col_ok, s_sc, tau)
-        q = _row_softmax(t_ptr, b_idx * t_sb + hw_idx * t_shw, row_ok, cols, col_ok, t_sc, tau)
+        p = _row_softmax(s_ptr, b_idx * s_sb + hw_idx * s_shw, row_ok, cols, col_ok, s_sc, x_scale)
+        q = _row_softmax(t_ptr, b_idx * t_sb + hw_idx * t_shw, row_ok, cols, col_ok, t_sc, x_scale)
         kept = row_ok  # [GROUP_ROWS]
         if HAS_MASK:
             kept = kept & (tl.load(m_ptr + rows, mask=row_ok, other=0) != 0)
@@ -592,6 +600,11 @@ def _one_image(n: int, hw: int, group_rows: int) -> bool:
     return hw == n or hw % group_rows == 0
 
 
+def _x_scale(tau: float) -> float:
+    """log2(e) / tau: the kernels' softmax computes exp2(x * log2(e) / tau) = exp(x / tau)."""
+    return math.log2(math.e) / float(tau)
+
+
 def _layout_key(strides: tuple[int, int, int]) -> str:
     return "c1" if strides[2] == 1 else ("hw1" if strides[1] == 1 else "gen")
 
@@ -623,7 +636,7 @@ def dist_forward_records(
         cpp = cfg["CHUNKS_PER_PROGRAM"]
         grid = (triton.cdiv(num_chunks, cpp),)
         _dist_fwd_kernel[grid](
-            s, t, m_arg, row_part, col_part, n, C, hw, *s_str, *t_str, float(tau), num_chunks,
+            s, t, m_arg, row_part, col_part, n, C, hw, *s_str, *t_str, _x_scale(tau), num_chunks,
             BLOCK_C=tp["BLOCK_C"], GROUP_ROWS=tp["GROUP_ROWS"], MERGE_GROUPS=tp["MERGE_GROUPS"],
             CHUNKS_PER_PROGRAM=cpp, HAS_MASK=m is not None, ONE_IMAGE=_one_image(n, hw, tp["GROUP_ROWS"]),
             num_warps=tp["num_warps"], num_stages=cfg["num_stages"], maxnreg=tp["maxnreg"],
@@ -769,7 +782,7 @@ def dist_backward(
             grid = (triton.cdiv(num_groups, gpp),)
             _dist_bwd_kernel[grid](
                 s, t, m_arg, ds_arg, dt_arg, col_coef, row_coef, grad_out, n, C, hw,
-                *s_str, *t_str, *ds_str, *dt_str, float(tau),
+                *s_str, *t_str, *ds_str, *dt_str, _x_scale(tau), 1.0 / float(tau),
                 BLOCK_C=tp["BLOCK_C"], GROUP_ROWS=tp["BWD_GROUP_ROWS"], GROUPS_PER_PROGRAM=gpp,
                 HAS_MASK=m is not None, NEED_S=bool(need_student), NEED_T=bool(need_teacher),
                 ONE_IMAGE=_one_image(n, hw, tp["BWD_GROUP_ROWS"]),
@@ -874,7 +887,7 @@ def _fwd_spec(C, s_dt, t_dt, layout, shape, has_mask, one_image, cfg, aligned) -
             "row_part_ptr": torch.float32, "col_part_ptr": torch.float32, "N": n, "C": C, "HW": hw,
             **dict(zip(("s_sb", "s_shw", "s_sc"), s_str, strict=True)),
             **dict(zip(("t_sb", "t_shw", "t_sc"), s_str, strict=True)),
-            "tau": 1.0, "num_chunks": num_chunks}
+            "x_scale": 1.0, "num_chunks": num_chunks}
     const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["GROUP_ROWS"], "MERGE_GROUPS": tp["MERGE_GROUPS"],
              "CHUNKS_PER_PROGRAM": cfg["CHUNKS_PER_PROGRAM"], "HAS_MASK": has_mask, "ONE_IMAGE": one_image}
     launch = {"num_warps": tp["num_warps"], "num_stages": cfg["num_stages"], "maxnreg": tp["maxnreg"]}
@@ -888,7 +901,7 @@ def _bwd_spec(C, s_dt, t_dt, layout, shape, has_mask, need_s, need_t, one_image,
     args = {"s_ptr": s_dt, "t_ptr": t_dt, "m_ptr": torch.uint8 if has_mask else torch.float32,
             "ds_ptr": s_dt if need_s else t_dt, "dt_ptr": t_dt if need_t else s_dt,
             "col_coef_ptr": torch.float32, "row_coef_ptr": torch.float32, "grad_out_ptr": torch.float32,
-            "N": n, "C": C, "HW": hw, "tau": 1.0}
+            "N": n, "C": C, "HW": hw, "x_scale": 1.0, "inv_tau": 1.0}
     for pre in ("s", "t", "ds", "dt"):
         args.update(zip((f"{pre}_sb", f"{pre}_shw", f"{pre}_sc"), strides, strict=True))
     const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["BWD_GROUP_ROWS"],

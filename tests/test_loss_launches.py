@@ -80,3 +80,63 @@ def test_forward_backward_launches(counter, layout):
     assert counter.launches == ["triton:_dist_fwd_kernel", "triton:_dist_finalize_kernel",
                                 "aten.ones_like.default", "triton:_dist_bwd_kernel"], counter.launches
     assert student.grad is not None and torch.isfinite(student.grad).all()
+
+
+# keyword arguments of a launch that are launch options, not constexprs of the kernel
+_LAUNCH_OPTIONS = ("grid", "warmup", "num_warps", "num_stages", "maxnreg")
+
+
+def _runtime_spec(fn, args: tuple, kwargs: dict) -> tuple[dict, list[int]]:
+    """Signature and divisibility-hinted argument indices Triton's JIT derives for one launch."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    signature, hinted = {}, []
+    for i, name in enumerate(fn.arg_names):
+        if name in kwargs:  # a constexpr passed by keyword
+            signature[name] = "constexpr"
+            continue
+        ty, key = native_specialize_impl(BaseBackend, args[i], False, True, True)
+        signature[name] = ty
+        if key == "D":
+            hinted.append(i)
+    return signature, hinted
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "2d"])
+def test_compile_specs_match_runtime_specialisation(monkeypatch, layout):
+    """The specs tests/aot and the static report compile are what the launchers JIT: same signature
+    (int 1 -> constexpr), same constexprs, same divisibility-16 hints, for each kernel of one
+    default forward+backward."""
+    from kernels import dist_loss as K
+
+    launches = []
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, **kwargs):
+        launches.append((self.fn, args, kwargs))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    shape = (128, 19) if layout == "2d" else (2, 19, 4, 16)  # HW = 64, N = 128: one record (R = 1)
+    s = torch.randn(*shape, dtype=torch.bfloat16)
+    t = torch.randn(*shape, dtype=torch.bfloat16)
+    if layout == "nhwc":
+        s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
+    s.requires_grad_(True)
+    fastdist.dist_loss(s, t, backend="triton").backward()
+    one = K._one_image(128, 128 if layout == "2d" else 64, K.tile_params(19)["GROUP_ROWS"])
+    expected = [K._fwd_spec(19, s.dtype, t.dtype, layout, shape, False, one, K._FWD_DEFAULT, True),
+                K._finalize_spec(19, s.dtype, layout, shape, True, torch.float32, True),
+                K._bwd_spec(19, s.dtype, t.dtype, layout, shape, False, True, False, one, K._BWD_DEFAULT,
+                            True)]
+    assert [fn.__name__ for fn, _, _ in launches] == [sp["fn"].fn.__name__ for sp in expected]
+    for (_, args, kwargs), spec in zip(launches, expected, strict=True):
+        signature, hinted = _runtime_spec(spec["fn"], args, kwargs)
+        assert signature == spec["signature"], spec["name"]
+        assert sorted(i for (i,) in spec["attrs"]) == hinted, spec["name"]
+        runtime_const = {k: v for k, v in kwargs.items() if k not in _LAUNCH_OPTIONS}
+        ones = {name: 1 for name, ty in signature.items() if ty == "constexpr" and name not in kwargs}
+        assert spec["constexprs"] == {**runtime_const, **ones}, spec["name"]
+        assert (kwargs.get("num_warps"), kwargs.get("num_stages", 3), kwargs.get("maxnreg")) == \
+            (spec["num_warps"], spec["num_stages"], spec["maxnreg"]), spec["name"]
