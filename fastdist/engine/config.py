@@ -502,7 +502,8 @@ def validation_precision(cfg: argparse.Namespace) -> str:
 def recipe_warnings(cfg: argparse.Namespace) -> list[str]:
     """Settings that are valid here but make the run differ from the reference recipe it mirrors."""
     warnings = []
-    if cfg.teacher_model is not None and getattr(cfg, "kd_method", "dist") == "dist" and cfg.kd_temperature != 1:
+    dist_with_tau = getattr(cfg, "kd_method", "dist") == "dist" and cfg.kd_temperature != 1
+    if cfg.teacher_model is not None and dist_with_tau:
         warnings.append(f"--kd-temperature {cfg.kd_temperature}: the reference segmentation recipe (DIST_KD "
                         "train_kd.py) parses this flag but never uses it (its DIST has no temperature), so "
                         "a reference run with it trains with tau = 1; here the logits are divided by "
