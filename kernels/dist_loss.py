@@ -44,13 +44,14 @@ Determinism and accuracy scheme
 * A *group* is a register tile [GROUP_ROWS, BLOCK_C] (BLOCK_C = next_power_of_2(C)); GROUP_ROWS and
   num_warps are a fixed function of C (``tile_params``), never tuned. All reductions inside a tile are
   therefore done with one fixed register layout, i.e. one fixed summation order.
-* Forward: a *chunk* is MERGE_GROUPS consecutive groups (256 rows for C <= 128, down to 64 rows for
-  C >= 512: again a fixed function of C). For every group the kernel computes, in fp32 registers,
-  the kept-row count, the column means and the *centred* sums of squares / co-moment (two passes
-  over the tile in registers, so no catastrophic cancellation), and merges the groups of a chunk
-  sequentially, in row order, with the exact Chan et al. update. Each chunk writes one partial
-  record (fp32, [sum r, count] and [mu_p, mu_q, M2_p, M2_q, C_pq]) - no atomics. The partial buffer
-  is 20 bytes per class per chunk, i.e. about 1-8% of bf16 logits.
+* Forward: a *chunk* is MERGE_GROUPS consecutive groups (for large N 256 rows for C <= 128, down to
+  64 rows for C >= 512; shorter for small N so that there are >= 132 programs, e.g. 64 rows at 16k
+  rows and C=19: a fixed function of (N, C), ``_merge_groups``). For every group the kernel
+  computes, in fp32 registers, the kept-row count, the column means and the *centred* sums of
+  squares / co-moment (two passes over the tile in registers, so no catastrophic cancellation), and
+  merges the groups of a chunk sequentially, in row order, with the exact Chan et al. update. Each
+  chunk writes one partial record (fp32, [sum r, count] and [mu_p, mu_q, M2_p, M2_q, C_pq]) - no
+  atomics. The partial buffer is 20 bytes per class per chunk (1-8% of bf16 logits for large N).
 * The autotuned parameters are CHUNKS_PER_PROGRAM (forward) / GROUPS_PER_PROGRAM (backward), i.e.
   how many consecutive chunks / groups one program walks through. They change neither
   the tile, nor the chunk boundaries, nor any summation order, so every config produces bitwise
@@ -143,8 +144,9 @@ def tile_params(C: int) -> dict:
         num_warps = 16
     # 4 elements of a tile per thread: 8 spilled under a 128-register budget in some variants
     group_rows = max(1, 4 * 32 * num_warps // block_c)
-    # rows merged in-kernel into one forward record: 256 for C <= 128, down to 64 for C >= 512
-    # (a record is 20*C bytes; this keeps the partial buffer at ~1-8% of bf16 logits)
+    # rows merged in-kernel into one forward record for large N: 256 for C <= 128, down to 64 for
+    # C >= 512 (a record is 20*C bytes; this keeps the partial buffer at ~1-8% of bf16 logits);
+    # ``_merge_groups`` shortens records for small N so that the forward fills the GPU
     chunk_rows = min(256, max(64, 32768 // block_c))
     merge_groups = max(1, chunk_rows // group_rows)
     # An explicit register budget: without .maxnreg, ptxas (CUDA 12.8) capped some forward variants
@@ -600,6 +602,22 @@ def _one_image(n: int, hw: int, group_rows: int) -> bool:
     return hw == n or hw % group_rows == 0
 
 
+# fewest forward programs (default config) worth having: one per SM of a 132-SM H100 / H200 (more
+# programs means more records for the one-program finalize to merge)
+_MIN_FWD_PROGRAMS = 132
+
+
+def _merge_groups(n: int, tp: dict) -> int:
+    """Groups per forward record for N rows: tile_params' MERGE_GROUPS, halved while the forward would
+    have fewer than _MIN_FWD_PROGRAMS programs (16k rows, C=19: 64-row records, 256 programs instead
+    of 64). A function of (N, C) only, never tuned, so records and sums stay bitwise identical across
+    configs and runs; records only get shorter, so the fp32 part of the accumulation does too."""
+    merge = tp["MERGE_GROUPS"]
+    while merge > 1 and triton.cdiv(n, merge * tp["GROUP_ROWS"]) < _MIN_FWD_PROGRAMS:
+        merge //= 2
+    return merge
+
+
 def _x_scale(tau: float) -> float:
     """log2(e) / tau: the kernels' softmax computes exp2(x * log2(e) / tau) = exp(x / tau)."""
     return math.log2(math.e) / float(tau)
@@ -624,8 +642,8 @@ def dist_forward_records(
     """
     s, t, m, n, C, hw, s_str, t_str, tp = _prepare(student, teacher, mask)
     dev = s.device
-    chunk_rows = tp["GROUP_ROWS"] * tp["MERGE_GROUPS"]
-    num_chunks = triton.cdiv(n, chunk_rows)
+    merge = _merge_groups(n, tp)
+    num_chunks = triton.cdiv(n, tp["GROUP_ROWS"] * merge)
     row_part = torch.empty(num_chunks, 2, dtype=torch.float32, device=dev)
     col_part = torch.empty(num_chunks, 5, C, dtype=torch.float32, device=dev)
     if n == 0:
@@ -637,7 +655,7 @@ def dist_forward_records(
         grid = (triton.cdiv(num_chunks, cpp),)
         _dist_fwd_kernel[grid](
             s, t, m_arg, row_part, col_part, n, C, hw, *s_str, *t_str, _x_scale(tau), num_chunks,
-            BLOCK_C=tp["BLOCK_C"], GROUP_ROWS=tp["GROUP_ROWS"], MERGE_GROUPS=tp["MERGE_GROUPS"],
+            BLOCK_C=tp["BLOCK_C"], GROUP_ROWS=tp["GROUP_ROWS"], MERGE_GROUPS=merge,
             CHUNKS_PER_PROGRAM=cpp, HAS_MASK=m is not None, ONE_IMAGE=_one_image(n, hw, tp["GROUP_ROWS"]),
             num_warps=tp["num_warps"], num_stages=cfg["num_stages"], maxnreg=tp["maxnreg"],
         )
@@ -652,8 +670,8 @@ def dist_forward_records(
 
 
 # finalize tile: fixed (never tuned), so the merge order depends on (R, C) only
-_FIN_BLOCK_R = 32
-_FIN_NUM_WARPS = 4
+_FIN_BLOCK_R = 64
+_FIN_NUM_WARPS = 8
 
 
 def _fin_block_c(C: int) -> int:
@@ -869,7 +887,8 @@ def _make_spec(fn, kernel: str, args: dict, const: dict, launch: dict, meta: dic
                 hinted.append(i)
     flags = ",".join(f"{k}={v}" for k, v in const.items() if isinstance(v, bool))
     cfg = ",".join(f"{k}={launch[k]}" for k in ("num_stages",) if k in launch)
-    tuned = ",".join(f"{k}={v}" for k, v in const.items() if k.endswith("_PER_PROGRAM"))
+    tuned = ",".join(f"{k}={v}" for k, v in const.items()
+                     if k.endswith("_PER_PROGRAM") or k == "MERGE_GROUPS")
     name = f"{kernel}[C={meta['C']},{meta['layout']},{flags}][{tuned},{cfg}]"
     name += "[aligned]" if aligned else ""
     return _Spec(name=name, fn=fn, signature=signature, constexprs=constexprs,
@@ -882,13 +901,14 @@ def _fwd_spec(C, s_dt, t_dt, layout, shape, has_mask, one_image, cfg, aligned) -
     """The statistics kernel exactly as ``dist_forward_records`` launches it."""
     tp = tile_params(C)
     n, hw, s_str = _layout_strides(layout, C, shape)
-    num_chunks = triton.cdiv(n, tp["GROUP_ROWS"] * tp["MERGE_GROUPS"])
+    merge = _merge_groups(n, tp)
+    num_chunks = triton.cdiv(n, tp["GROUP_ROWS"] * merge)
     args = {"s_ptr": s_dt, "t_ptr": t_dt, "m_ptr": torch.uint8 if has_mask else torch.float32,
             "row_part_ptr": torch.float32, "col_part_ptr": torch.float32, "N": n, "C": C, "HW": hw,
             **dict(zip(("s_sb", "s_shw", "s_sc"), s_str, strict=True)),
             **dict(zip(("t_sb", "t_shw", "t_sc"), s_str, strict=True)),
             "x_scale": 1.0, "num_chunks": num_chunks}
-    const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["GROUP_ROWS"], "MERGE_GROUPS": tp["MERGE_GROUPS"],
+    const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["GROUP_ROWS"], "MERGE_GROUPS": merge,
              "CHUNKS_PER_PROGRAM": cfg["CHUNKS_PER_PROGRAM"], "HAS_MASK": has_mask, "ONE_IMAGE": one_image}
     launch = {"num_warps": tp["num_warps"], "num_stages": cfg["num_stages"], "maxnreg": tp["maxnreg"]}
     return _make_spec(_dist_fwd_kernel, "fwd", args, const, launch, _meta(C, s_dt, layout), aligned)
@@ -917,13 +937,17 @@ def _finalize_spec(C, s_dt, layout, shape, coef, rec_dt, aligned) -> dict:
     n = _layout_strides(layout, C, shape)[0]
     out_dt = torch.float64 if (s_dt == torch.float64 or not coef) else torch.float32
     args = {"row_rec_ptr": rec_dt, "col_rec_ptr": rec_dt, "loss_ptr": out_dt, "col_out_ptr": out_dt,
-            "row_out_ptr": out_dt, "R": triton.cdiv(n, tp["GROUP_ROWS"] * tp["MERGE_GROUPS"]), "C": C,
+            "row_out_ptr": out_dt, "R": _num_records(n, tp), "C": C,
             **{k: 1.0 for k in ("c_row", "c_col", "k_col", "k_row", "eps")}}
     const = {"BLOCK_R": _FIN_BLOCK_R, "BLOCK_C": _fin_block_c(C), "COEF": coef}
     spec = _make_spec(_dist_finalize_kernel, "finalize", args, const, {"num_warps": _FIN_NUM_WARPS},
                       _meta(C, s_dt, layout), aligned)
     spec["name"] += f"[records={_TRITON_TY[rec_dt]}]"
     return spec
+
+
+def _num_records(n: int, tp: dict) -> int:
+    return triton.cdiv(n, tp["GROUP_ROWS"] * _merge_groups(n, tp))
 
 
 def _meta(C: int, s_dt: torch.dtype, layout: str) -> dict:
@@ -971,10 +995,11 @@ def program_plan(spec: dict, shape: tuple[int, ...]) -> dict:
         return {"programs": triton.cdiv(triton.cdiv(n, const["GROUP_ROWS"]), gpp), "rows_per_program": rows,
                 "loop_trips": [gpp] if gpp > 1 else [], "bytes_per_row": float(moved)}
     tp = tile_params(C)
-    records = triton.cdiv(n, tp["GROUP_ROWS"] * tp["MERGE_GROUPS"])
+    records = _num_records(n, tp)
     r_trips = triton.cdiv(records, const["BLOCK_R"])
     rec_b, out_b = elt[sig["row_rec_ptr"]], elt[sig["col_out_ptr"]]
-    moved = rec_b * records * (2 + 5 * C) * 3 + out_b * (5 * C + 2)  # row records read 3x (cached)
+    # each record read once from HBM (the second pass over them hits L2), the outputs written once
+    moved = rec_b * records * (2 + 5 * C) + out_b * (5 * C + 2)
     # loops: records (sum r, n), column tiles, and in each column tile two passes over the records
     return {"programs": 1, "rows_per_program": 0,
             "loop_trips": [r_trips, triton.cdiv(C, const["BLOCK_C"]), r_trips, r_trips],
@@ -1021,8 +1046,11 @@ def aot_kernel_specs(
     for key in layouts:
         layout = _AOT_LAYOUTS[key]
         shape = _spec_shape(layout, C)
-        specs += [_fwd_spec(C, s_dt, t_dt, layout, shape, m, one, cfg, aligned)
-                  for m, one in fwd_vars for cfg in fwd_cfgs]
+        # the forward's MERGE_GROUPS depends on N: also the longest records (large N)
+        fwd_shapes = [shape, (2, C, 512, 1024) if len(shape) == 4 else (2**20, C)]
+        fwd = [_fwd_spec(C, s_dt, t_dt, layout, sh, m, one, cfg, aligned)
+               for sh in fwd_shapes for m, one in fwd_vars for cfg in fwd_cfgs]
+        specs += list({sp["name"]: sp for sp in fwd}.values())
         specs += [_bwd_spec(C, s_dt, t_dt, layout, shape, m, ns, nt, one, cfg, aligned)
                   for m, ns, nt, one in bwd_vars for cfg in bwd_cfgs]
         specs += [_finalize_spec(C, s_dt, layout, shape, coef, rec, aligned) for coef, rec in fin_vars]
