@@ -319,3 +319,46 @@ def test_module_validation_errors():
         fastdist.DISTLoss(backend="fast")
     with pytest.raises(ValueError, match="tau must be > 0"):
         fastdist.DISTLoss(tau=-1.0)
+
+
+BAD_HYPERPARAMS = [
+    ("tau", float("inf"), ValueError, "tau must be finite"),
+    ("tau", float("nan"), ValueError, "tau must be finite"),
+    ("tau", 0.0, ValueError, "tau must be > 0"),
+    ("beta", float("nan"), ValueError, "beta must be finite"),
+    ("beta", float("-inf"), ValueError, "beta must be finite"),
+    ("gamma", float("inf"), ValueError, "gamma must be finite"),
+    ("gamma", -0.5, ValueError, "gamma must be >= 0"),
+    ("beta", -1, ValueError, "beta must be >= 0"),
+    ("beta", "1.0", TypeError, "beta must be a real number"),
+    ("gamma", None, TypeError, "gamma must be a real number"),
+    ("tau", True, TypeError, "tau must be a real number"),
+    ("beta", torch.tensor(1.0), TypeError, "beta must be a real number"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,value,exc,match", BAD_HYPERPARAMS, ids=[f"{n}={v!r}" for n, v, _, _ in BAD_HYPERPARAMS]
+)
+@pytest.mark.parametrize("intra_sync", [False, True])
+def test_bad_hyperparams_rejected(name, value, exc, match, intra_sync):
+    """Every front-end (function, module, intra-sync variants) rejects the value, naming the parameter."""
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(exc, match=match):
+        fastdist.dist_loss(s, t, intra_sync=intra_sync, **{name: value})
+    with pytest.raises(exc, match=match):
+        fastdist.DISTLoss(intra_sync=intra_sync, **{name: value})
+
+
+def test_bad_intra_sync_rejected():
+    with pytest.raises(TypeError, match="intra_sync must be a bool"):
+        fastdist.dist_loss(torch.randn(4, 3), torch.randn(4, 3), intra_sync="yes")
+
+
+def test_hyperparams_edge_values_accepted():
+    """Zero weights and integer values are legal: the loss is the hand-computed weighted sum."""
+    s, t = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    inter = fastdist.dist_loss(s, t, beta=1, gamma=0, tau=2, backend="torch")
+    intra = fastdist.dist_loss(s, t, beta=0, gamma=1, tau=2, backend="torch")
+    both = fastdist.dist_loss(s, t, beta=1, gamma=1, tau=2, backend="torch")
+    torch.testing.assert_close(inter + intra, both, atol=1e-12, rtol=1e-12)

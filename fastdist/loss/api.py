@@ -15,6 +15,8 @@ forward statistics + closed-form backward, saving only the inputs and O(C) coeff
 """
 
 import importlib.util
+import math
+import numbers
 
 import torch
 from torch import Tensor, nn
@@ -28,11 +30,23 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRITON_MAX_C = 2048  # kernels.dist_loss.MAX_C (not imported here: that would import triton)
 
 
-def _check_params(tau: float, backend: str) -> None:
-    if backend not in BACKENDS:
+def check_hyperparams(backend: str | None = None, **params: object) -> None:
+    """Raise a clear error for a bad loss hyper-parameter (reusable by every loss front-end).
+
+    Every keyword is a float hyper-parameter: it must be a real number (not bool, str, None, a tensor),
+    finite, and ``tau``/``temperature`` must be > 0, ``beta``/``gamma`` and other weights >= 0.
+    ``backend``, when given, must be one of ``BACKENDS``.
+    """
+    if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+    for name, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        positive = name in ("tau", "temperature")
+        if (value <= 0) if positive else (value < 0):
+            raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
 
 
 def _check_inputs(student: Tensor, teacher: Tensor) -> None:
@@ -108,7 +122,9 @@ def dist_loss(
             group when None); the value is the global loss on every rank and the gradients are scaled
             so that DDP's averaging gives the single-process gradient of the concatenated batch.
     """
-    _check_params(tau, backend)
+    check_hyperparams(backend, beta=beta, gamma=gamma, tau=tau)
+    if not isinstance(intra_sync, bool):
+        raise TypeError(f"intra_sync must be a bool, got {type(intra_sync).__name__} {intra_sync!r}")
     _check_inputs(student, teacher)
     if mask is not None:
         mask = _check_mask(mask, student)
@@ -138,7 +154,7 @@ class DISTLoss(nn.Module):
         process_group: object = None,
     ) -> None:
         super().__init__()
-        _check_params(tau, backend)
+        check_hyperparams(backend, beta=beta, gamma=gamma, tau=tau)
         self.beta, self.gamma, self.tau = beta, gamma, tau
         self.backend, self.intra_sync, self.process_group = backend, intra_sync, process_group
 
