@@ -99,7 +99,7 @@ class CWDLoss(nn.Module):
 
     def __init__(self, tau: float = 4.0, backend: str = "auto") -> None:
         super().__init__()
-        api._check_params(tau, backend)
+        api.check_hyperparams(backend=backend, tau=tau)
         self.tau, self.backend = tau, backend
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -85,7 +85,7 @@ class KDLoss(nn.Module):
 
     def __init__(self, tau: float = 1.0, backend: str = "auto") -> None:
         super().__init__()
-        api._check_params(tau, backend)
+        api.check_hyperparams(backend=backend, tau=tau)
         self.tau, self.backend = tau, backend
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -72,7 +72,7 @@ def run(op: Callable[..., tuple], reference: Callable[..., Tensor], student: Ten
         tau: float, mask: Tensor | None, backend: str,
         check: Callable[[Tensor], None] | None = None) -> Tensor:
     """Validate as ``dist_loss`` does (plus ``check``), resolve the backend and evaluate the loss."""
-    api._check_params(tau, backend)
+    api.check_hyperparams(backend=backend, tau=tau)
     api._check_inputs(student, teacher)
     if check is not None:
         check(student)
