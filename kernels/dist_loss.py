@@ -429,6 +429,9 @@ def _dist_finalize_kernel(
         r0 += BLOCK_R
     sum_r = tl.sum(acc_r, axis=0)
     total = tl.sum(acc_n, axis=0)
+    if not COEF:  # written now: a value live across the column loop was spilled by ptxas (C=2, sm_90)
+        tl.store(row_out_ptr, sum_r.to(row_out_ptr.dtype.element_ty))
+        tl.store(row_out_ptr + 1, total.to(row_out_ptr.dtype.element_ty))
     inv_total = 1.0 / tl.maximum(total, 1.0)
     col_r = tl.zeros([BLOCK_C], dtype=tl.float64)  # [BLOCK_C] running sum of r_j over column tiles
     c0 = 0
@@ -495,9 +498,6 @@ def _dist_finalize_kernel(
         loss = c_row * (1.0 - sum_r / count) + c_col * (1.0 - tl.sum(col_r, axis=0) / C)
         tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
         tl.store(row_out_ptr, (k_row / count).to(row_out_ptr.dtype.element_ty))
-    else:
-        tl.store(row_out_ptr, sum_r.to(row_out_ptr.dtype.element_ty))
-        tl.store(row_out_ptr + 1, total.to(row_out_ptr.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------------------
