@@ -108,8 +108,10 @@ def test_dist_report_small():
         assert r["predicted_us_h100"] >= r["predicted_us_h200"]
     fwd, bwd = (next(r for r in recs if r["kernel"] == k) for k in ("fwd", "bwd"))
     assert fwd["bytes_per_row"] >= 2 * 19 * 2 and bwd["bytes_per_row"] >= 3 * 19 * 2  # S, T (and dS), bf16
-    assert fwd["loop_trips"] == [16]  # MERGE_GROUPS groups of 16 rows per 256-row chunk
-    assert fwd["global_loads_per_program"] >= 2 * fwd["num_warps"] * 16  # S and T loaded in each trip
+    merge = K.report_specs(19, torch.bfloat16, "nchw")[0]["constexprs"]["MERGE_GROUPS"]
+    assert merge == K._merge_groups(n, K.tile_params(19)) < K.tile_params(19)["MERGE_GROUPS"]  # short records
+    assert fwd["loop_trips"] == [merge]  # MERGE_GROUPS row groups per record
+    assert fwd["global_loads_per_program"] >= 2 * fwd["num_warps"] * merge  # S and T loaded in each trip
 
 
 def test_write_readme_replaces_only_the_block(tmp_path: Path):
