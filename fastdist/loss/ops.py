@@ -8,7 +8,10 @@
 
 The forward op carries ``register_autograd`` (saving only the inputs and the O(C) coefficients) and
 both carry ``register_fake``, so ``torch.compile(fullgraph=True)`` traces through them without a
-graph break.
+graph break. In eager mode :func:`dist_loss` runs the same bodies through ``_EagerDistLoss``, a plain
+``torch.autograd.Function``: a custom op call crosses the dispatcher into Python twice per op
+(autograd key, then the backend kernel) plus schema default filling and alias checks, the largest
+part of the host time of a small forward+backward (CPU profile in docs/design.md).
 """
 
 import functools
