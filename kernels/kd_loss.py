@@ -28,6 +28,8 @@ guarantees), whose H, W flatten into one stride. Gradients are written with the 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +42,7 @@ _DEFAULT_GPP = 4  # tiles per program (fixed: the arithmetic does not depend on 
 _TRITON_TY = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of C, called per launch (do not mutate)
 def tile_params(C: int) -> dict:
     """Fixed tile geometry for C classes: ~4 fp32 elements of a tile per thread (no spills)."""
     if not 2 <= C <= MAX_C:
@@ -157,15 +160,16 @@ def kd_forward_backward(
     if n >= _MAX_ROWS:
         raise ValueError(f"fused KD kernel indexes rows in int32: N={n} rows must be < {_MAX_ROWS}")
     dev = student.device
-    if mask is None:
-        m_arg, kept = None, torch.tensor(float(n), dtype=torch.float64, device=dev)
+    if mask is None:  # M = N >= 1 is known on the host: one fill, no host-to-device copy
+        m_arg, kept = None, float(n)
+        scale = torch.full((1,), tau / kept, dtype=torch.float32, device=dev)
     else:
-        m_arg = mask.reshape(-1).contiguous().view(torch.uint8)
+        m_arg = (mask if mask.dim() == 1 else mask.reshape(-1)).contiguous().view(torch.uint8)
         kept = m_arg.sum().double()  # an exact count (an fp32 sum is not beyond 2^24 rows); no host sync
-    kept = kept.clamp_min(1.0)
-    scale = (tau / kept).reshape(1).to(torch.float32)
-    num_groups = triton.cdiv(n, tp["GROUP_ROWS"])
-    programs = triton.cdiv(num_groups, _DEFAULT_GPP)
+        kept = kept.clamp_min(1.0)
+        scale = (tau / kept).reshape(1).to(torch.float32)
+    # cdiv(cdiv(n, rows), gpp) in plain Python: triton.cdiv is a constexpr_function, slow to call on the host
+    programs = -(-n // (tp["GROUP_ROWS"] * _DEFAULT_GPP))
     part = torch.empty(programs, dtype=torch.float32, device=dev)
     ds = torch.empty_like(student) if need_student else None
     dt = torch.empty_like(teacher) if need_teacher else None

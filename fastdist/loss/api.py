@@ -135,10 +135,8 @@ def dist_loss(
         raise ValueError("backend='triton' supports float32, float16 and bfloat16 inputs, not float64")
     group = sync.group_key(process_group) if intra_sync else ""
     student, teacher = _dense(student), _dense(teacher)
-    loss, _, _ = ops.dist_loss_fwd(
-        student, teacher, mask, float(tau), float(beta), float(gamma), backend, intra_sync, group
-    )
-    return loss
+    return ops.dist_loss(student, teacher, mask, float(tau), float(beta), float(gamma), backend, intra_sync,
+                         group)
 
 
 class DISTLoss(nn.Module):
