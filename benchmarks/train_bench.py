@@ -21,16 +21,34 @@ the larger batches, so that a time budget cuts the larger batches first. The mod
 at the first batch, and scaled linearly with the batch (a convolutional step's FLOPs are linear in it).
 Several GPUs (not measured here: one GPU): ``multi_gpu`` in the output names the strategy torch supports
 for compiling under DDP (``torch._dynamo.config.optimize_ddp``).
-Reported per row: step time (median, p20, p80), images/s,
+Reported per row: step time (median, p20, p80), images/s, where the step time goes (``phases``, below),
 speed-up against the reference configuration at the same batch, peak memory (CUDA), the model FLOPs of one
 step (counted by ``torch.utils.flop_counter.FlopCounterMode`` on a real step) and the achieved fraction of
 the device's dense BF16 tensor-core peak.
+
+Where the step time goes (``phases`` of each row; one line per row in the log). The step is cut into
+PHASES: teacher_fwd (with zero_grad), student_fwd, loss_fwd (CE + KD terms), backward, optimizer.
+  gpu_ms        CUDA events at the phase boundaries of the timed steps: the device timeline of each phase
+                (kernels *and* idle gaps: in a host-bound step a phase lasts as long as its launches take)
+  host_ms       host wall clock of each phase in those steps (no sync in between; a host far ahead of the
+                device blocks in a launch once the launch queue is full, so a device-bound step shows
+                that wait here too)
+  profiled_*    one extra step under ``torch.profiler`` after a synchronize, so the host starts with an
+                empty queue: profiled_host_ms per phase (the profiler adds a little per op) and
+                profiled_busy_ms, the summed duration of the device kernels and copies each phase
+                launched (a kernel belongs to the phase in which the host launched it, whatever thread).
+Row totals: host_ms_per_step (sum of host_ms), gpu_busy_ms_per_step (sum of profiled_busy_ms; CUDA only)
+and gpu_idle_frac = 1 - busy / step time: near 0 the step is device-bound, large it is host-bound
+(launch overhead) or waits on a host synchronisation. ``aten_ops`` / ``kernels`` count the profiled
+step's top-level ATen ops and device kernels per phase, and ``syncs`` the ATen ops that wait for the
+device (``aten::_local_scalar_dense``, ``aten::item``, ``aten::nonzero``, ``aten::is_nonzero``).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -40,6 +58,8 @@ from typing import Any
 
 import common
 
+PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero")
 CONFIG_ORDER = ["reference", "+amp", "+channels_last", "+fused_loss", "+compile", "+teacher_graph"]
 COMPILED = ("+compile", "+teacher_graph")
 IGNORE_INDEX = 255
@@ -92,10 +112,20 @@ def configure_backends(device: str) -> dict[str, Any]:
             "cudnn_allow_tf32": cudnn.allow_tf32, "cudnn_benchmark": cudnn.benchmark}
 
 
+Mark = Callable[[str], None]
+
+
+def _no_mark(_phase: str) -> None:
+    """The default phase marker: nothing."""
+
+
 def make_step(teacher: Any, student: Any, cfg: StepConfig, device: str,
-              lr: float) -> Callable[[Any, Any], Any]:
+              lr: float) -> Callable[..., Any]:
     """One training step as the engine runs it (``fastdist.engine``'s DistillationLoss: CE + 0.4 aux CE,
-    DIST on the main and aux logits), with the models in ``cfg``'s memory format and compiled on request."""
+    DIST on the main and aux logits), with the models in ``cfg``'s memory format and compiled on request.
+
+    ``step(images, labels, mark)`` calls ``mark(phase)`` at the end of each of PHASES (``mark("start")``
+    first), in the host order of the work."""
     import torch
 
     from fastdist.engine.kd import DistillationLoss
@@ -111,18 +141,24 @@ def make_step(teacher: Any, student: Any, cfg: StepConfig, device: str,
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, fused=cuda or None)
     device_type = "cuda" if cuda else "cpu"
 
-    def step(images: Any, labels: Any) -> Any:
+    def step(images: Any, labels: Any, mark: Mark = _no_mark) -> Any:
+        mark("start")
         opt.zero_grad(set_to_none=True)
         if cfg.teacher_graph:  # a new step: the graph's output buffers of the last step may be reused
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.amp):
             with torch.no_grad():
                 t_out = t_net(images)
+            mark("teacher_fwd")
             out = s_net(images)
+            mark("student_fwd")
             task, kd = criterion(out, t_out, labels, images)
             loss = task + kd
+        mark("loss_fwd")
         loss.backward()
+        mark("backward")
         opt.step()
+        mark("optimizer")
         return loss
 
     return step
@@ -145,11 +181,50 @@ def make_batch(batch: int, size: tuple[int, int], num_classes: int, device: str,
 # --------------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------------
-def time_steps(step: Callable[[Any, Any], Any], images: Any, labels: Any, device: str, warmup: int,
-               steps: int) -> tuple[common.Timing, float]:
-    """Per-step times after ``warmup`` steps; returns (timing, seconds of the first step)."""
-    import torch
+class PhaseClock:
+    """Per-step phase boundaries: host ``perf_counter`` and (CUDA) an event recorded at each mark."""
 
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.steps: list[list[tuple[str, float, Any]]] = []
+
+    def new_step(self) -> Mark:
+        import torch
+
+        marks: list[tuple[str, float, Any]] = []
+        self.steps.append(marks)
+
+        def mark(phase: str) -> None:
+            event = None
+            if self.cuda:
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+            marks.append((phase, time.perf_counter(), event))
+
+        return mark
+
+    def step_ms(self) -> list[float]:
+        """Each step's time, first mark to last: device timeline on CUDA, host wall clock elsewhere
+        (call after a synchronize)."""
+        if self.cuda:
+            return [m[0][2].elapsed_time(m[-1][2]) for m in self.steps]
+        return [(m[-1][1] - m[0][1]) * 1e3 for m in self.steps]
+
+    def phases(self) -> dict[str, dict[str, float | None]]:
+        """Median host_ms and (CUDA) gpu_ms of each phase over the steps."""
+        out: dict[str, dict[str, float | None]] = {}
+        for i, phase in enumerate(PHASES, start=1):
+            host = [(m[i][1] - m[i - 1][1]) * 1e3 for m in self.steps]
+            gpu = [m[i - 1][2].elapsed_time(m[i][2]) for m in self.steps] if self.cuda else None
+            out[phase] = {"host_ms": statistics.median(host),
+                          "gpu_ms": statistics.median(gpu) if gpu else None}
+        return out
+
+
+def time_steps(step: Callable[..., Any], images: Any, labels: Any, device: str, warmup: int,
+               steps: int) -> tuple[common.Timing, float, dict[str, dict[str, float | None]]]:
+    """Per-step times after ``warmup`` steps; returns (timing, seconds of the first step, per-phase
+    medians of the timed steps: host_ms and, on CUDA, gpu_ms)."""
     t0 = time.perf_counter()
     step(images, labels)
     common.synchronize(device)
@@ -157,22 +232,63 @@ def time_steps(step: Callable[[Any, Any], Any], images: Any, labels: Any, device
     for _ in range(max(0, warmup - 1)):
         step(images, labels)
     common.synchronize(device)
-    times: list[float] = []
-    if device.startswith("cuda"):
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(steps)]
-        for start, end in events:
-            start.record()
-            step(images, labels)
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        for _ in range(steps):
-            t = time.perf_counter()
-            step(images, labels)
-            times.append((time.perf_counter() - t) * 1e3)
-    return common.summarize(times), first
+    clock = PhaseClock(device.startswith("cuda"))
+    for _ in range(steps):
+        step(images, labels, clock.new_step())
+    common.synchronize(device)
+    return common.summarize(clock.step_ms()), first, clock.phases()
+
+
+def _phase_of(start_us: float, bounds: list[tuple[float, str]]) -> str | None:
+    """The phase whose host interval holds ``start_us`` (bounds: (end time, phase) in host order)."""
+    begin = bounds[0][0]
+    for end, phase in bounds[1:]:
+        if begin <= start_us < end:
+            return phase
+        begin = end
+    return None
+
+
+def profile_step(step: Callable[..., Any], images: Any, labels: Any, device: str) -> dict[str, Any]:
+    """One step under ``torch.profiler`` after a synchronize: per phase the host ms, the device busy ms
+    (kernels, copies, memsets it launched), top-level ATen ops, kernels, and the syncing ops."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    cuda = device.startswith("cuda")
+
+    def mark(phase: str) -> None:
+        with record_function(f"phase::{phase}"):
+            pass
+
+    common.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step(images, labels, mark)
+        common.synchronize(device)
+    events = list(prof.events())
+    bounds = sorted((e.time_range.start, e.name.removeprefix("phase::")) for e in events
+                    if e.name.startswith("phase::"))
+    per: dict[str, dict[str, Any]] = {p: {"profiled_host_ms": None, "profiled_busy_ms": 0.0 if cuda else None,
+                                          "aten_ops": 0, "kernels": 0, "syncs": 0} for p in PHASES}
+    for (start, _), (end, phase) in zip(bounds, bounds[1:], strict=False):
+        if phase in per:
+            per[phase]["profiled_host_ms"] = (end - start) / 1e3
+    for e in events:
+        if e.device_type != DeviceType.CPU or e.name.startswith("phase::"):
+            continue
+        phase = _phase_of(e.time_range.start, bounds)
+        if phase not in per:
+            continue
+        top = e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")
+        if e.name.startswith("aten::") and top:
+            per[phase]["aten_ops"] += 1
+        if e.name in SYNC_OPS:
+            per[phase]["syncs"] += 1
+        for kernel in getattr(e, "kernels", []):
+            per[phase]["kernels"] += 1
+            per[phase]["profiled_busy_ms"] += kernel.duration / 1e3
+    return per
 
 
 def count_flops(teacher: Any, student: Any, args: argparse.Namespace, batch: int, device: str) -> int:
@@ -198,15 +314,36 @@ def measure(teacher: Any, student: Any, cfg: StepConfig, batch: int, args: argpa
         torch.cuda.reset_peak_memory_stats(device)
     step = make_step(teacher, student, cfg, device, args.lr)
     images, labels = make_batch(batch, tuple(args.size), args.num_classes, device, cfg.channels_last)
-    timing, first = time_steps(step, images, labels, device, args.warmup, args.steps)
+    timing, first, phases = time_steps(step, images, labels, device, args.warmup, args.steps)
+    profiled = profile_step(step, images, labels, device) if args.profile else {}
+    for phase, values in profiled.items():
+        phases[phase].update(values)
     step_s = timing.median_ms / 1e3
     cuda = device.startswith("cuda")
+    busy = sum(v["profiled_busy_ms"] for v in profiled.values()) if cuda and profiled else None
     row.update(status="ok", step_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                steps=timing.reps, first_step_s=first, images_per_s=batch / step_s,
                peak_mem_bytes=int(torch.cuda.max_memory_allocated(device)) if cuda else None,
                flops_per_step=flops, achieved_tflops=flops / step_s / 1e12 if flops else None,
-               frac_peak_bf16=flops / step_s / peak.bf16_flops if flops and peak else None)
+               frac_peak_bf16=flops / step_s / peak.bf16_flops if flops and peak else None,
+               host_ms_per_step=sum(v["host_ms"] for v in phases.values()), gpu_busy_ms_per_step=busy,
+               gpu_idle_frac=1 - busy / timing.median_ms if busy is not None else None, phases=phases)
+    print(f"[train_bench]   {phase_line(row)}", flush=True)
     return row
+
+
+def phase_line(row: dict[str, Any]) -> str:
+    """One log line: step, host and busy ms per step, then per phase host/gpu/busy ms, ops and syncs."""
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    parts = [f"step {ms(row['step_ms'])} ms, host {ms(row['host_ms_per_step'])} ms, "
+             f"device busy {ms(row['gpu_busy_ms_per_step'])} ms"]
+    for phase, v in row["phases"].items():
+        times = f"{ms(v['host_ms'])}/{ms(v['gpu_ms'])}/{ms(v.get('profiled_busy_ms'))}"
+        counts = f"ops {v.get('aten_ops', '-')} kernels {v.get('kernels', '-')} syncs {v.get('syncs', '-')}"
+        parts.append(f"{phase} host/gpu/busy {times} {counts}")
+    return " | ".join(parts)
 
 
 def plan(args: argparse.Namespace, fused_backend: str) -> list[tuple[StepConfig, int]]:
@@ -278,6 +415,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--student-backbone", default="resnet18")
     p.add_argument("--num-classes", type=int, default=19)
     p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the one profiled step per row (its phase breakdown of device busy time)")
     args = p.parse_args(argv)
     if args.quick:  # a smoke run of the machinery, not a performance figure
         args.size, args.batches, args.warmup, args.steps = [16, 32], args.batches[:1], 1, 2
@@ -332,6 +471,7 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], args: argpars
                    "student": f"{args.student_model}-{args.student_backbone}", "fused_backend": fused_backend,
                    "flops_counter": "torch.utils.flop_counter.FlopCounterMode",
                    "flops_counted_at_batch": args.batches[0], "multi_gpu": multi_gpu(),
+                   "phases": list(PHASES), "profiled_step": args.profile,
                    "backend_settings": args.backend_settings,
                    "peak_used": "dense BF16 tensor-core peak", "complete": final, "wall_s": wall_s},
         "results": rows,

@@ -222,6 +222,17 @@ def test_train_bench_files_and_values(results: dict[str, Path]) -> None:
         assert math.isclose(r["images_per_s"], r["batch"] / (r["step_ms"] / 1e3), rel_tol=1e-9)
         assert math.isclose(r["speedup_vs_reference"], r["images_per_s"] / ref["images_per_s"], rel_tol=1e-9)
         assert r["peak_mem_bytes"] is None and r["frac_peak_bf16"] is None  # CPU: not measured
+        phases = r["phases"]
+        assert list(phases) == list(train_bench.PHASES) == doc["config"]["phases"]
+        assert all(_finite_positive(v["host_ms"]) and _finite_positive(v["profiled_host_ms"]) for v in
+                   phases.values()), (name, phases)
+        assert math.isclose(r["host_ms_per_step"], sum(v["host_ms"] for v in phases.values()), rel_tol=1e-9)
+        # on a CPU the host is the device: the phases add up to the step (same clock, same steps)
+        assert r["host_ms_per_step"] == pytest.approx(r["step_ms"], rel=0.5)
+        assert all(v["gpu_ms"] is None and v["profiled_busy_ms"] is None for v in phases.values())
+        assert r["gpu_busy_ms_per_step"] is None and r["gpu_idle_frac"] is None  # CPU: not measured
+        assert phases["backward"]["aten_ops"] > 0 and phases["teacher_fwd"]["aten_ops"] > 0
+        assert sum(v["syncs"] for v in phases.values()) == 0  # no mask: no data-dependent op in the step
     assert rows["+fused_loss"]["loss_backend"] == "torch"
     assert "targets" not in doc  # the benchmark measures, report.py judges
     assert report.train_targets(doc)[0]["status"] == "not applicable (CPU run)"

@@ -75,3 +75,18 @@ def test_two_iterations_per_method(data: Path, tmp_path: Path, method: str, lam:
     records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     kd = [r["kd_loss"] for r in records if "kd_loss" in r]
     assert len(kd) == 2 and all(v > 0 and v == v for v in kd)  # finite, positive distillation term
+
+
+def test_resume_of_a_checkpoint_from_before_kd_method(data: Path, tmp_path: Path) -> None:
+    """A config.json without kd_method (written before --kd-method existed) was a DIST run: it resumes
+    under the default method and is refused under another one."""
+    from fastdist.engine.config import check_resume_compatible
+
+    cfg = parse_config(_argv(data, tmp_path))
+    saved = json.loads(json.dumps(vars(cfg), default=str))
+    del saved["kd_method"]
+    assert cfg.kd_method == "dist"
+    check_resume_compatible(saved, cfg)  # no ConfigError
+    other = parse_config(_argv(data, tmp_path, "--kd-method", "kd"))
+    with pytest.raises(ConfigError, match="kd_method: checkpoint 'dist', now 'kd'"):
+        check_resume_compatible(saved, other)

@@ -47,6 +47,10 @@ RECIPE_KEYS: tuple[str, ...] = (
 # --kd-method: (loss weight --lambda-kd, temperature --kd-temperature) when not given. dist: the DIST
 # recipe; kd and cwd: CIRKD's Cityscapes scripts (train_kd.py --lambda-kd 1.0, --kd-temperature
 # default 1.0; --lambda-cwd-logit 3.0 with the CWD logit criterion's temperature 4.0).
+# Recipe keys added after the first checkpoints were written: a config without the key was trained
+# with this value (before --kd-method existed every run distilled with DIST).
+RECIPE_KEY_DEFAULTS: dict[str, Any] = {"kd_method": "dist"}
+
 KD_METHOD_DEFAULTS: dict[str, tuple[float, float]] = {"dist": (1.0, 1.0), "kd": (1.0, 1.0), "cwd": (3.0, 4.0)}
 
 _NONE_STRINGS = ("", "none", "None")
@@ -457,6 +461,7 @@ def _check_save_dir(cfg: argparse.Namespace) -> None:
 
 def check_resume_compatible(saved: dict[str, Any], cfg: argparse.Namespace) -> list[str]:
     """Raise `ConfigError` if the recipe differs from the checkpoint's; return notes on other changes."""
+    saved = {**RECIPE_KEY_DEFAULTS, **saved}
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in RECIPE_KEYS
              if _normal(saved.get(k)) != _normal(getattr(cfg, k))]
     if diffs:

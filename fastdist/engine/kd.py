@@ -132,20 +132,35 @@ def prepare_teacher(model: nn.Module | None, device: torch.device, channels_last
     return torch.compile(model) if compile_model else model
 
 
+def _integer_steps(full: tuple[int, ...], size: tuple[int, int]) -> tuple[int, int] | None:
+    """(sh, sw) when ``full`` (H, W) is an integer multiple of ``size``, else None.
+
+    Then nearest downsampling is the strided view ``x[..., ::sh, ::sw]`` exactly (``F.interpolate``'s
+    nearest source index is floor(i * H / h) = i * sh)."""
+    (h_in, w_in), (h, w) = full, size
+    if h_in % h or w_in % w:
+        return None
+    return h_in // h, w_in // w
+
+
 def kd_keep_mask(kind: str, images: Tensor, labels: Tensor, size: tuple[int, int]) -> Tensor | None:
     """The (B, h, w) bool keep-mask of the DIST loss at logits resolution ``size``, or None.
 
     ``ignore``: pixels whose nearest-downsampled label is not 255. ``pad``: pixels that are not crop
     padding (padding = image exactly 0 in all channels *and* label 255, nearest-downsampled).
+    At an integer ratio (the models' output stride) the labels and images are read as strided views at
+    logits resolution: two small element-wise ops, no full-resolution temporary, no interpolation.
     """
     if kind == "none":
         return None
-    if kind == "ignore":
-        excluded = labels == IGNORE_INDEX
-    elif kind == "pad":
-        excluded = (images == 0).all(dim=1) & (labels == IGNORE_INDEX)
-    else:
+    if kind not in ("ignore", "pad"):
         raise ValueError(f"unknown kd mask {kind!r}")
+    steps = _integer_steps(tuple(labels.shape[-2:]), size)
+    if steps is not None:
+        labels, images = labels[..., ::steps[0], ::steps[1]], images[..., ::steps[0], ::steps[1]]
+    excluded = labels == IGNORE_INDEX
+    if kind == "pad":
+        excluded = (images == 0).all(dim=1) & excluded
     if tuple(excluded.shape[-2:]) != tuple(size):
         excluded = F.interpolate(excluded[:, None].to(torch.uint8), size=size, mode="nearest")[:, 0].bool()
     return ~excluded
