@@ -330,15 +330,18 @@ BAD_HYPERPARAMS = [
     ("gamma", float("inf"), ValueError, "gamma must be finite"),
     ("gamma", -0.5, ValueError, "gamma must be >= 0"),
     ("beta", -1, ValueError, "beta must be >= 0"),
+    # a wrong type is a ValueError like every bad value (and a TypeError too)
+    ("beta", "1.0", ValueError, "beta must be a real number"),
     ("beta", "1.0", TypeError, "beta must be a real number"),
-    ("gamma", None, TypeError, "gamma must be a real number"),
-    ("tau", True, TypeError, "tau must be a real number"),
+    ("gamma", None, ValueError, "gamma must be a real number"),
+    ("tau", True, ValueError, "tau must be a real number"),
+    ("beta", torch.tensor(1.0), ValueError, "beta must be a real number"),
     ("beta", torch.tensor(1.0), TypeError, "beta must be a real number"),
 ]
 
 
 @pytest.mark.parametrize(
-    "name,value,exc,match", BAD_HYPERPARAMS, ids=[f"{n}={v!r}" for n, v, _, _ in BAD_HYPERPARAMS]
+    "name,value,exc,match", BAD_HYPERPARAMS, ids=[f"{n}={v!r}-{e.__name__}" for n, v, e, _ in BAD_HYPERPARAMS]
 )
 @pytest.mark.parametrize("intra_sync", [False, True])
 def test_bad_hyperparams_rejected(name, value, exc, match, intra_sync):

@@ -30,18 +30,27 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRITON_MAX_C = 2048  # kernels.dist_loss.MAX_C (not imported here: that would import triton)
 
 
+class HyperparameterTypeError(ValueError, TypeError):
+    """A loss hyper-parameter that is not a real number (a str, None, bool, tensor...).
+
+    A ValueError, as every other bad hyper-parameter value is, and a TypeError, as Python raises for a
+    wrong argument type: ``except ValueError`` and ``except TypeError`` both catch it."""
+
+
 def check_hyperparams(backend: str | None = None, **params: object) -> None:
     """Raise a clear error for a bad loss hyper-parameter (reusable by every loss front-end).
 
-    Every keyword is a float hyper-parameter: it must be a real number (not bool, str, None, a tensor),
-    finite, and ``tau``/``temperature`` must be > 0, ``beta``/``gamma`` and other weights >= 0.
-    ``backend``, when given, must be one of ``BACKENDS``.
+    Every keyword is a float hyper-parameter: it must be a real number (not bool, str, None, a tensor;
+    else :class:`HyperparameterTypeError`, a ValueError), finite, and ``tau``/``temperature`` must be
+    > 0, ``beta``/``gamma`` and other weights >= 0 (else ValueError). ``backend``, when given, must be
+    one of ``BACKENDS``.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     for name, value in params.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+            kind = type(value).__name__
+            raise HyperparameterTypeError(f"{name} must be a real number, got {kind} {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
         positive = name in ("tau", "temperature")
