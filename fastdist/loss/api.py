@@ -27,7 +27,6 @@ from .reference import dist_loss_reference
 BACKENDS = ("auto", "triton", "torch", "reference")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_MAX_C = 2048  # kernels.dist_loss.MAX_C (not imported here: that would import triton)
 
 
 class HyperparameterTypeError(ValueError, TypeError):
@@ -102,8 +101,16 @@ def _dense(x: Tensor) -> Tensor:
 def _resolve_backend(backend: str, student: Tensor, teacher: Tensor) -> str:
     if backend != "auto":
         return backend
-    fits = torch.float64 not in (student.dtype, teacher.dtype) and student.shape[1] <= _TRITON_MAX_C
-    return "triton" if student.device.type == "cuda" and _HAS_TRITON and fits else "torch"
+    on_gpu = student.device.type == "cuda" and _HAS_TRITON
+    return "triton" if on_gpu and _triton_fits(student, teacher) else "torch"
+
+
+def _triton_fits(student: Tensor, teacher: Tensor) -> bool:
+    """Whether the fused kernels take these logits (no float64, at most ``kernels.dist_loss.MAX_C``
+    classes). Imported here, not at module level: that would import triton on every machine."""
+    from kernels.dist_loss import MAX_C
+
+    return torch.float64 not in (student.dtype, teacher.dtype) and student.shape[1] <= MAX_C
 
 
 def dist_loss(
