@@ -1,13 +1,10 @@
 """Public front-end: :class:`DISTLoss` and :func:`dist_loss` (validation and backend dispatch).
 
 DIST ("Knowledge Distillation from A Stronger Teacher", NeurIPS 2022) on logits viewed as N rows x C
-classes (for (B, C, H, W) input the rows are the B*H*W pixels)::
-
-    p = softmax(S / tau),  q = softmax(T / tau)                          (over classes)
-    pearson(u, v) = <u - mean u, v - mean v> / (||u - mean u|| * ||v - mean v|| + 1e-8)
-    inter = 1 - mean_i pearson(p_i, q_i)          (rows)
-    intra = 1 - mean_j pearson(p[:, j], q[:, j])  (columns)
-    loss  = tau^2 * (beta * inter + gamma * intra)
+classes (for (B, C, H, W) input the rows are the B*H*W pixels): ``loss = tau^2 * (beta * inter +
+gamma * intra)``, one minus the mean Pearson correlation of the softmax probabilities over the rows
+(inter) and over the class columns (intra); the formula every backend computes is written once, in
+``docs/design.md`` ("The DIST loss").
 
 Backends: ``"reference"`` (the formula with eager autograd), ``"torch"`` and ``"triton"`` (fused:
 forward statistics + closed-form backward, saving only the inputs and O(C) coefficients; see
