@@ -74,7 +74,7 @@ def _exits_2(call, capsys: pytest.CaptureFixture, *needles: str) -> str:
     return err
 
 
-# ----------------------------------------------------------------------------------- item 3: numbers
+# ------------------------------------------------------------------------------------------ numbers
 @pytest.mark.parametrize(("flag", "value"), [
     ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "-0.01"), ("--momentum", "inf"),
     ("--momentum", "nan"), ("--weight-decay", "inf"), ("--lambda-kd", "inf"), ("--lambda-kd", "nan"),
@@ -106,7 +106,7 @@ def test_inference_scales_must_be_finite_and_sane(script: str, value: str, tmp_p
     _exits_2(lambda: cli.parse_args(argv), capsys, "argument --scales:", value)
 
 
-# ---------------------------------------------------------------------------- item 7: clean errors
+# ------------------------------------------------------------------------------------- clean errors
 def test_eval_save_dir_that_is_a_file_fails_before_evaluating(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
     not_a_dir = tmp_path / "results"
@@ -198,7 +198,7 @@ def test_triton_backend_without_cuda_or_interpreter_fails_at_start_up(
     assert parse_config(_kd(data, tmp_path, "--kd-backend", "triton")).distill.kd_backend == "triton"
 
 
-# ----------------------------------------------------------------------- item 8: resume inputs
+# ------------------------------------------------------------------------------------ resume inputs
 def test_resume_warns_about_other_teacher_weights_or_data(data: Path, tmp_path: Path) -> None:
     from fastdist.models import build_model, to_reference_state_dict
 
@@ -242,7 +242,7 @@ def test_non_finite_hint_names_a_way_resume_accepts(data: Path, tmp_path: Path) 
         check_resume_compatible(saved, parse_config(_base(data, tmp_path, "--lr", "0.01")))
 
 
-# ---------------------------------------------------------------- items 9, 10: recipe fidelity
+# ---------------------------------------------------------------------------------- recipe fidelity
 def test_validation_precision(data: Path, tmp_path: Path) -> None:
     def precision(*extra: str) -> str:
         return validation_precision(parse_config(_base(data, tmp_path, *extra)))
