@@ -19,6 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from torch import nn
+
 from fastdist.data import build_loader
 from fastdist.engine import checkpoint as ckpt
 from fastdist.engine.config import (
@@ -91,7 +93,8 @@ def _log_header(log: RunLogger, cfg: RunConfig, env: DistEnv, notes: list[str]) 
         log.warning(note)
 
 
-def run(cfg: RunConfig, env: DistEnv, student: Any, teacher: Any, state: dict[str, Any] | None) -> int:
+def run(cfg: RunConfig, env: DistEnv, student: nn.Module, teacher: nn.Module | None,
+        state: dict[str, Any] | None) -> int:
     """Everything after the cheap checks: device set-up, the Trainer (resumed from ``state``), fit."""
     configure_backends(env.device)
     seed_everything(cfg.optim.seed + env.rank)  # dropout streams differ per rank (restored on resume)
