@@ -304,11 +304,13 @@ def test_unknown_amp_is_an_argparse_error(script: str, tmp_path: Path, capsys: p
 
 
 def test_runtime_defaults_are_the_same_for_every_entry_point(tmp_path: Path) -> None:
+    """Same defaults, except that scoring (eval, predict) is fp32 unless asked, as training validation."""
     train_ns = build_parser().parse_args([])
     assert (train_ns.device, train_ns.amp, train_ns.channels_last) == ("auto", "auto", None)
+    assert train_ns.val_amp is False
     for script in ("eval.py", "predict.py"):
         ns = _load_cli(script).parse_args(_inference_argv(tmp_path))
-        assert (ns.device, ns.amp, ns.channels_last) == ("auto", "auto", None)
+        assert (ns.device, ns.amp, ns.channels_last) == ("auto", "off", None)
 
 
 def test_resolve_runtime(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,7 +30,8 @@ class InferenceSetupError(RuntimeError):
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
     """The options eval.py and predict.py share: model, checkpoint, data, test-time augmentation, and
-    ``--device`` / ``--amp`` / ``--channels-last`` as train.py spells them."""
+    ``--device`` / ``--amp`` / ``--channels-last`` as train.py spells them (``--amp`` defaults to off:
+    fp32 scores, like training validation's default)."""
     parser.add_argument("--model", required=True, help="deeplabv3 | psp | deeplab_mobile | psp_mobile")
     parser.add_argument("--backbone", required=True, help="resnet18 | resnet50 | resnet101 | mobilenetv2")
     parser.add_argument("--data", required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")
@@ -38,7 +39,7 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scales", type=finite_scale, nargs="+", default=[1.0],
                         help=f"test scales in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}], e.g. 0.75 1.0 1.25")
     parser.add_argument("--flip-eval", action="store_true", help="average with horizontally flipped input")
-    add_runtime_args(parser)
+    add_runtime_args(parser, amp_default="off")
 
 
 def check_model_name(model: str, backbone: str) -> None:

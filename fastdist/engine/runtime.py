@@ -1,7 +1,9 @@
 """Where and how the models run: ``--device``, ``--amp`` and ``--channels-last``, for every entry point.
 
 train.py, eval.py and predict.py take these three flags with the same names, values and defaults and
-resolve them here (`resolve_runtime`), so one spelling works everywhere:
+resolve them here (`resolve_runtime`), so one spelling works everywhere. One default differs on
+purpose: eval.py and predict.py score in fp32 (``--amp off``), as training validation does by default
+(``--val-amp``) and as the published mIoU figures were measured; ``--amp auto`` opts in.
 
 * ``--device auto|cuda|cuda:N|cpu`` (default ``auto``: CUDA when available);
 * ``--amp auto|bf16|fp16|off`` (default ``auto``: bf16 on GPUs that have it, else fp16; off on CPU).
@@ -55,13 +57,15 @@ def amp_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def add_runtime_args(parser: argparse._ActionsContainer) -> None:
-    """``--device``, ``--amp`` and ``--channels-last``, as every entry point spells them."""
+def add_runtime_args(parser: argparse._ActionsContainer, amp_default: str = "auto") -> None:
+    """``--device``, ``--amp`` and ``--channels-last``, as every entry point spells them (``amp_default``:
+    "auto" for training, "off" where a model is scored)."""
     parser.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu (default: auto, CUDA "
                         "when available)")
-    parser.add_argument("--amp", type=amp_name, default="auto", metavar="{auto,bf16,fp16,off}",
-                        help="autocast dtype (default: auto, bf16 on GPUs that have it, else fp16; off on "
-                        "CPU; none and fp32 mean off)")
+    amp_help = ("auto, bf16 on GPUs that have it, else fp16; off on CPU" if amp_default == "auto"
+                else f"{amp_default}: scores in fp32 like the published figures")
+    parser.add_argument("--amp", type=amp_name, default=amp_default, metavar="{auto,bf16,fp16,off}",
+                        help=f"autocast dtype (default: {amp_help}; none and fp32 mean off)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels-last model and data (default: on for CUDA)")
 
