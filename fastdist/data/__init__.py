@@ -1,4 +1,8 @@
-"""Cityscapes data for fastdist: ``build_loader`` (DALI or torch backend), checks, synthetic data.
+"""Data for fastdist: ``build_loader`` (DALI or torch backend), checks, synthetic data, for every dataset.
+
+``dataset`` (a ``--dataset`` name or a :class:`DatasetSpec`: ``citys``, the default, ``ade20k``,
+``voc``, ``camvid``, ``cocostuff164k``; see ``fastdist.data.datasets``) decides the layout, the
+label map and the label checks.
 
 ``build_loader(root, split, batch_size, ...)`` yields ``(images, labels)``: images (B, 3, H, W) in
 ``dtype`` on ``device`` (channels-last memory unless ``channels_last=False``), BGR minus
@@ -19,13 +23,16 @@ import os
 
 import torch
 
-from fastdist.data.cityscapes import DatasetError, Pair, check_dataset, check_pairs, list_pairs
+from fastdist.data.datasets import DATASET_NAMES, DATASETS, get_dataset
 from fastdist.data.loader import Loader
+from fastdist.data.pairs import DatasetLike, check_dataset, check_pairs, list_pairs, resolve_dataset
 from fastdist.data.sampler import Schedule
+from fastdist.data.spec import DatasetError, DatasetSpec, Pair
 
 __all__ = [
-    "BACKENDS", "DALI_HINT", "DatasetError", "Loader", "Pair", "build_loader", "check_dataset", "check_pairs",
-    "dali_available", "default_backend", "list_pairs",
+    "BACKENDS", "DALI_HINT", "DATASETS", "DATASET_NAMES", "DatasetError", "DatasetSpec", "Loader", "Pair",
+    "build_loader", "check_dataset", "check_pairs", "dali_available", "default_backend", "get_dataset",
+    "list_pairs",
 ]  # fmt: skip
 
 BACKENDS = ("dali", "torch")
@@ -64,6 +71,7 @@ def build_loader(
     augment: bool | None = None,
     list_file: str | os.PathLike | None = None,
     check_files: bool = True,
+    dataset: DatasetLike = "citys",
 ) -> Loader:
     """Build the loader of one rank (see the module docstring; the name and header checks run first).
 
@@ -78,9 +86,10 @@ def build_loader(
         raise RuntimeError(DALI_HINT)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"images must be a float dtype, got {dtype}")
-    pairs = list_pairs(root, split, list_file)
+    spec = resolve_dataset(dataset)
+    pairs = list_pairs(root, split, list_file, spec)
     if check_files:
-        check_pairs(pairs)
+        check_pairs(pairs, dataset=spec)
     train = split == "train" if augment is None else augment
     schedule = Schedule(
         len(pairs), batch_size, train, rank, world_size, seed, max_iterations, start_iteration
@@ -90,7 +99,7 @@ def build_loader(
     if backend == "torch":
         from fastdist.data.torch_loader import TorchLoader
 
-        return TorchLoader(pairs, schedule, crop, dev, num_threads, channels_last, dtype)
+        return TorchLoader(pairs, schedule, crop, dev, num_threads, channels_last, dtype, spec)
     from fastdist.data.dali_pipeline import DaliLoader
 
-    return DaliLoader(pairs, schedule, crop, dev, num_threads, channels_last, dtype)
+    return DaliLoader(pairs, schedule, crop, dev, num_threads, channels_last, dtype, spec)
