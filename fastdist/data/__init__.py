@@ -79,6 +79,7 @@ def build_loader(
     schedule); ``num_threads`` is DALI's CPU thread count or the torch backend's worker count
     (0: load in the main process); ``list_file`` replaces the folder scan by a reference list;
     ``check_files=False`` skips the header check (for callers that ran :func:`check_dataset` already).
+    Unaugmented batches of a dataset whose image sizes vary (``DatasetSpec.varying_size``) hold one image.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown data backend {backend!r}: expected one of {BACKENDS}")
@@ -91,6 +92,9 @@ def build_loader(
     if check_files:
         check_pairs(pairs, dataset=spec)
     train = split == "train" if augment is None else augment
+    if not train and spec.varying_size and batch_size != 1:
+        raise ValueError(f"{spec.title} images vary in size, so the unaugmented {split!r} split loads one "
+                         f"image per batch and rank (batch_size=1), got batch_size={batch_size}")
     schedule = Schedule(
         len(pairs), batch_size, train, rank, world_size, seed, max_iterations, start_iteration
     )

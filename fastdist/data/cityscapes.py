@@ -62,7 +62,9 @@ CITYSCAPES = DatasetSpec(
     splits={s: SplitLayout(f"leftImg8bit/{s}", f"gtFine/{s}") for s in SPLITS},
     image_suffix=IMAGE_SUFFIX, label_suffix=LABEL_SUFFIX, image_format="png", varying_size=False,
     # CIRKD's Cityscapes scripts (and DIST_KD's): 512x1024 crops, 16 images, 40k iterations, lr 0.02
-    recipe=Recipe((512, 1024), 16, 40000, 0.02, val_split="val", eval_split="val"),
+    recipe=Recipe((512, 1024), 16, 40000, 0.02, val_split="val", eval_split="val",
+                  source="CIRKD train_kd.py / train_cirkd.py defaults (DIST_KD's recipe): --crop-size "
+                         "512 1024 --batch-size 16 --lr 0.02 --max-iterations 40000"),
     label_kind="labelIds", label_modes=(LABEL_MODE,), refused_label_suffixes=NOT_LABEL_IDS_SUFFIXES,
     ignore_index=IGNORE_INDEX,
 )

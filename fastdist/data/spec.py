@@ -48,14 +48,19 @@ class SplitLayout:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Training and evaluation defaults of CIRKD's scripts for one dataset (every flag overrides them)."""
+    """Training and evaluation defaults of CIRKD's scripts for one dataset (every flag overrides them).
 
-    crop_size: tuple[int, int]
-    batch_size: int
+    Evaluation is CIRKD's ``eval.py`` protocol for every dataset: the whole image at scale 1.0 without
+    flip, one image per batch and rank where image sizes vary (:attr:`DatasetSpec.varying_size`).
+    """
+
+    crop_size: tuple[int, int]  # (height, width) of the training crops
+    batch_size: int  # global batch (all ranks together)
     max_iterations: int
     lr: float
     val_split: str  # what training validates on
-    eval_split: str  # what eval.py scores by default (the split the reference eval.py reads)
+    eval_split: str  # what eval.py scores by default (the split CIRKD's eval.py reads)
+    source: str  # where the numbers come from (CIRKD script or argument default)
 
 
 @dataclass(frozen=True, eq=False)
