@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fastdist.data import build_loader
+from fastdist.data import build_loader, get_dataset
 from fastdist.engine import checkpoint as ckpt
 from fastdist.engine.config import (
     ConfigError,
@@ -93,7 +93,10 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
              f"(validation {validation_precision(cfg)}), "
              f"channels_last {cfg.channels_last}, compile {cfg.compile}, loader {cfg.loader}, "
              f"kd backend {cfg.kd_backend}, optimizer {cfg.optimizer}\n"
-             f"  kd method {cfg.kd_method}: lambda_kd {cfg.lambda_kd}, temperature {cfg.kd_temperature}")
+             f"  kd method {cfg.kd_method}: lambda_kd {cfg.lambda_kd}, temperature {cfg.kd_temperature}\n"
+             f"  dataset {cfg.dataset}: crop {cfg.crop_size}, batch {cfg.batch_size}, iterations "
+             f"{cfg.max_iterations}, lr {cfg.lr} (the dataset's recipe: "
+             f"{', '.join(cfg.dataset_defaults) or 'none'})")
     if stale:
         log.info("removed temporary files of an interrupted write: "
                  + ", ".join(map(os.path.basename, stale)))
@@ -121,12 +124,13 @@ def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher
             scaler.load_state_dict(resume["scaler"])
 
     common = dict(backend=cfg.loader, device=env.device, rank=env.rank, world_size=env.world_size,
-                  num_threads=cfg.workers, channels_last=cfg.channels_last,
+                  num_threads=cfg.workers, channels_last=cfg.channels_last, dataset=cfg.dataset,
                   check_files=False)  # parse_config checked the pairs and headers
     train_loader = build_loader(cfg.data, "train", cfg.batch_per_rank, crop_size=tuple(cfg.crop_size),
                                 seed=cfg.seed, max_iterations=cfg.max_iterations, start_iteration=start,
                                 **common)
-    val_loader = None if cfg.skip_val else build_loader(cfg.data, "val", cfg.val_batch_size, **common)
+    val_split = get_dataset(cfg.dataset).recipe.val_split
+    val_loader = None if cfg.skip_val else build_loader(cfg.data, val_split, cfg.val_batch_size, **common)
 
     trainer = Trainer(cfg, env, net, student, teacher_net, criterion, optimizer, scaler, train_loader,
                       val_loader, log, start_iteration=start,

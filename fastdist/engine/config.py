@@ -27,12 +27,13 @@ from typing import Any
 
 import torch
 
-from fastdist.data import DALI_HINT, dali_available, default_backend
+from fastdist.data import DALI_HINT, DATASET_NAMES, dali_available, default_backend, get_dataset
 from fastdist.engine.dashboards import add_dashboard_args, check_dashboards
 from fastdist.engine.sliding import add_sliding_args, check_sliding_args
 
-__all__ = ["ConfigError", "NON_FINITE_HINT", "RECIPE_KEYS", "build_parser", "check_resume_compatible",
-           "check_writable_dir", "config_dict", "finite_nonneg", "finite_positive", "finite_scale",
+__all__ = ["ConfigError", "DATASET_RECIPE_FLAGS", "NON_FINITE_HINT", "RECIPE_KEYS", "apply_dataset_recipe",
+           "build_parser", "check_resume_compatible", "check_writable_dir", "config_dict", "finite_nonneg",
+           "finite_positive", "finite_scale",
            "parse_config", "recipe_warnings", "remove_stale_temp_files", "resolve", "save_config",
            "validation_precision"]
 
@@ -41,7 +42,7 @@ __all__ = ["ConfigError", "NON_FINITE_HINT", "RECIPE_KEYS", "build_parser", "che
 RECIPE_KEYS: tuple[str, ...] = (
     "teacher_model", "teacher_backbone", "student_model", "student_backbone", "crop_size",
     "batch_size", "max_iterations", "lr", "momentum", "weight_decay", "lambda_kd", "kd_temperature",
-    "kd_beta", "kd_gamma", "kd_mask", "kd_intra_sync", "seed", "kd_method",
+    "kd_beta", "kd_gamma", "kd_mask", "kd_intra_sync", "seed", "kd_method", "dataset",
 )  # fmt: skip
 
 # --kd-method: (loss weight --lambda-kd, temperature --kd-temperature) when not given. dist: the DIST
@@ -49,7 +50,11 @@ RECIPE_KEYS: tuple[str, ...] = (
 # default 1.0; --lambda-cwd-logit 3.0 with the CWD logit criterion's temperature 4.0).
 # Recipe keys added after the first checkpoints were written: a config without the key was trained
 # with this value (before --kd-method existed every run distilled with DIST).
-RECIPE_KEY_DEFAULTS: dict[str, Any] = {"kd_method": "dist"}
+RECIPE_KEY_DEFAULTS: dict[str, Any] = {"kd_method": "dist", "dataset": "citys"}
+
+# Flags whose default is the --dataset's recipe (fastdist.data.spec.Recipe); the parser's defaults are
+# Cityscapes' recipe, an explicit flag always wins.
+DATASET_RECIPE_FLAGS: tuple[str, ...] = ("crop_size", "batch_size", "max_iterations", "lr")
 
 KD_METHOD_DEFAULTS: dict[str, tuple[float, float]] = {"dist": (1.0, 1.0), "kd": (1.0, 1.0), "cwd": (3.0, 4.0)}
 
@@ -133,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full student weights to start from")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="data/cityscapes", help="Cityscapes root (leftImg8bit/, gtFine/)")
+    g.add_argument("--data", default="data/cityscapes", help="dataset root (the --dataset's layout)")
+    g.add_argument("--dataset", default="citys", choices=DATASET_NAMES,
+                   help="dataset: layout, label map, classes and the recipe defaults of --crop-size, "
+                        "--batch-size, --max-iterations, --lr (CIRKD's scripts for it; see the README)")
     g.add_argument("--crop-size", type=_positive_int, nargs=2, default=[512, 1024], metavar=("H", "W"))
     g.add_argument("--workers", "-j", type=_non_negative_int, default=16,
                    help="loader threads (DALI) or worker processes (torch; 0 = in the main process) per rank")
@@ -141,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data pipeline (default: dali on CUDA when DALI is installed, else torch)")
     g.add_argument("--val-batch-size", type=_positive_int, default=None,
                    help="validation images per rank and batch (default: the per-rank training batch)")
-    g.add_argument("--dataset", default="citys", choices=("citys",), help="reference flag (Cityscapes only)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=_positive_int, default=16, help="global batch, split over ranks")
@@ -259,14 +266,36 @@ def _check_dataset(cfg: argparse.Namespace) -> None:
     from fastdist.data import check_dataset
     from fastdist.data.cityscapes import DatasetError
 
-    splits = ["train"] + ([] if cfg.skip_val else ["val"])
+    spec = get_dataset(cfg.dataset)
+    splits = ["train"] + ([] if cfg.skip_val else [spec.recipe.val_split])
     for split in splits:
         try:
-            check_dataset(cfg.data, split, rank=int(os.environ.get("RANK", "0")), world_size=cfg.world_size)
+            check_dataset(cfg.data, split, rank=int(os.environ.get("RANK", "0")), world_size=cfg.world_size,
+                          dataset=spec)
         except DatasetError as err:
-            raise ConfigError(f"dataset {cfg.data!r} ({split}): {err}. Point --data at a Cityscapes root "
-                              "(leftImg8bit/ and gtFine/), or make a synthetic one with "
-                              "`python -m fastdist.data.synthetic DIR`") from None
+            raise ConfigError(f"dataset {cfg.data!r} ({split}): {err}. Point --data at a {spec.title} root "
+                              "(see fastdist.data.datasets for the layout), or make a synthetic one with "
+                              f"`python -m fastdist.data.synthetic --dataset {spec.name} DIR`") from None
+
+
+def apply_dataset_recipe(cfg: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    """Set the `DATASET_RECIPE_FLAGS` not given in ``argv`` to ``--dataset``'s recipe (in place) and
+    record which ones came from it (``cfg.dataset_defaults``, saved in config.json); the validation
+    batch of a dataset whose image sizes vary is one image per rank."""
+    unset = object()  # a default no command line can produce: the flag was left out
+    probe = build_parser()
+    probe.set_defaults(**dict.fromkeys(DATASET_RECIPE_FLAGS, unset))
+    given = vars(probe.parse_args(argv))
+    spec = get_dataset(cfg.dataset)
+    cfg.dataset_defaults = [flag for flag in DATASET_RECIPE_FLAGS if given[flag] is unset]
+    for flag in cfg.dataset_defaults:
+        value = getattr(spec.recipe, flag)
+        setattr(cfg, flag, list(value) if isinstance(value, tuple) else value)
+    if spec.varying_size:
+        if cfg.val_batch_size not in (None, 1):
+            raise ConfigError(f"--val-batch-size {cfg.val_batch_size}: {spec.title} images vary in size, so "
+                              "validation runs one image per batch and rank; leave the flag out or use 1")
+        cfg.val_batch_size = 1
 
 
 def _check_numbers(cfg: argparse.Namespace) -> None:
@@ -348,6 +377,7 @@ def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse, resolve and validate the command line; raises `ConfigError` (checks that take seconds at
     most: names, files, the dataset's pairs and file headers, the batch split)."""
     cfg = build_parser().parse_args(argv)
+    apply_dataset_recipe(cfg, argv)
     cfg.command = " ".join(["train.py", *(sys.argv[1:] if argv is None else argv)])
     if cfg.teacher_model in _NONE_STRINGS:
         cfg.teacher_model = None

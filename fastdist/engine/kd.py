@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdist.data.cityscapes import IGNORE_INDEX, NUM_CLASSES
+from fastdist.data import get_dataset
+from fastdist.data.cityscapes import IGNORE_INDEX
 from fastdist.loss import CWDLoss, DISTLoss, KDLoss
 from fastdist.models import CheckpointError, build_model, load_checkpoint, load_pretrained_backbone
 
@@ -59,7 +60,7 @@ def _build_role(cfg: argparse.Namespace, role: str) -> nn.Module:
     """``role`` ("student" or "teacher") on the CPU with ``--<role>-pretrained-base`` and then
     ``--<role>-pretrained`` loaded (each only when given)."""
     name, backbone = getattr(cfg, f"{role}_model"), getattr(cfg, f"{role}_backbone")
-    model = build_model(name, backbone, NUM_CLASSES)
+    model = build_model(name, backbone, get_dataset(cfg.dataset).num_classes)
     base, full = getattr(cfg, f"{role}_pretrained_base"), getattr(cfg, f"{role}_pretrained")
     if base:
         _load(role, f"--{role}-pretrained-base", base, lambda: load_pretrained_backbone(model, base),

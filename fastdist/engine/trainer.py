@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES
+from fastdist.data import get_dataset
 from fastdist.engine import checkpoint as ckpt
 from fastdist.engine.config import NON_FINITE_HINT, config_dict, validation_precision
 from fastdist.engine.distributed import DistEnv
@@ -333,7 +333,8 @@ class Trainer:
         with self._fork_rng():
             cfg = self.cfg
             net = maybe_sliding(self.student_module, cfg.eval_mode, cfg.crop_size, cfg.eval_stride)
-            res = evaluate(net, self.val_loader, NUM_CLASSES, self.env.device,
+            spec = get_dataset(cfg.dataset)
+            res = evaluate(net, self.val_loader, spec.num_classes, self.env.device,
                            amp_dtype=AMP_DTYPES.get(precision), source=f"the student at iteration {it}")
         miou, acc = res["mIoU"], res["pixAcc"]
         is_best = self.best_miou is None or miou > self.best_miou
@@ -343,7 +344,7 @@ class Trainer:
                       f"pixAcc {100 * acc:.2f} | best {100 * self.best_miou:.2f} "
                       f"(it {self.best_iteration}) | "
                       f"{res.get('images', '?')} images in {time.perf_counter() - t0:.1f} s\n"
-                      + format_iou_table(res["IoU"], CLASS_NAMES, miou))
+                      + format_iou_table(res["IoU"], spec.class_names, miou))
         self.log.record("val", iteration=it, mIoU=miou, pixAcc=acc, IoU=res["IoU"], best_mIoU=self.best_miou,
                         best_iteration=self.best_iteration, precision=precision)
         self._window.paused += time.perf_counter() - t0
