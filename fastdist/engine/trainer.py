@@ -378,7 +378,7 @@ class Trainer:
         """Rank 0 writes the plain student weights under the reference file name."""
         if self.env.is_main:
             name = ckpt.reference_export_name(self.cfg.student_model, self.cfg.student_backbone,
-                                              self.teacher is not None, best=best)
+                                              self.teacher is not None, best=best, dataset=self.cfg.dataset)
             ckpt.export_reference(self.student_module, os.path.join(self.cfg.save_dir, name))
 
     def _settle(self, it: int, owed: tuple[str, ...]) -> None:
