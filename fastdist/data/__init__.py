@@ -9,10 +9,11 @@ label map and the label checks.
 :data:`~fastdist.data.cityscapes.MEAN_BGR`; labels (B, H, W) int64 train ids, 255 for ignore.
 ``split="train"`` is augmented (random scale from {0.5, ..., 2.0}, pad, random crop, flip) and
 yields ``max_iterations`` batches per rank; other splits yield every image once over all ranks,
-unaugmented.  The ``test`` split works without ``gtFine`` labels (labels are then all 255);
+unaugmented.  The ``test`` split works without its label folder (labels are then all 255);
 :func:`list_pairs` gives the image paths in loader order (rank ``r`` of ``w`` takes ``pairs[r::w]``).
 Before any loading, ``build_loader`` checks the names and every file's header (:func:`check_pairs`:
-images readable, labels 8-bit labelIds of their image's size), so both backends refuse bad pairs with
+images readable, labels 8-bit single-channel maps of the dataset's kind and of their image's size), so
+both backends refuse bad pairs with
 a :class:`DatasetError` instead of yielding wrong labels.
 """
 

@@ -59,7 +59,7 @@ NOT_LABEL_IDS_SUFFIXES = ("_gtFine_labelTrainIds.png", "_gtFine_color.png", "_gt
 CITYSCAPES = DatasetSpec(
     name="citys", reference_name="citys", title="Cityscapes", class_names=CLASS_NAMES, palette=PALETTE,
     label_map=LABEL_ID_TO_TRAIN_ID,
-    splits={s: SplitLayout(f"leftImg8bit/{s}", f"gtFine/{s}") for s in SPLITS},
+    splits={s: SplitLayout(f"leftImg8bit/{s}", f"gtFine/{s}", lists=(f"{s}.lst",)) for s in SPLITS},
     image_suffix=IMAGE_SUFFIX, label_suffix=LABEL_SUFFIX, image_format="png", varying_size=False,
     # CIRKD's Cityscapes scripts (and DIST_KD's): 512x1024 crops, 16 images, 40k iterations, lr 0.02
     recipe=Recipe((512, 1024), 16, 40000, 0.02, val_split="val", eval_split="val",

@@ -200,8 +200,9 @@ def list_pairs(root: str | os.PathLike, split: str, list_file: str | os.PathLike
     """All (image, label) pairs of a split, sorted by name; raises :class:`DatasetError` on any problem.
 
     ``list_file`` (a reference ``*.lst``, relative paths resolved against ``root``) replaces the
-    folder scan; without it the folders are scanned, falling back to ``root/<split>.lst`` (or the
-    dataset's own list files) when the split's image folder does not exist.
+    folder scan; without it the folders are scanned, falling back to the dataset's list files for the
+    split (Cityscapes ``root/<split>.lst``, CamVid ``camvid_<split>_list.txt``; ``<split>.lst`` for a
+    split the dataset does not describe) when the split's image folder does not exist.
     """
     spec = resolve_dataset(dataset)
     root_path = Path(root)
@@ -210,7 +211,8 @@ def list_pairs(root: str | os.PathLike, split: str, list_file: str | os.PathLike
     layout = spec.splits.get(split)
     scannable = layout is not None and (layout.names or (root_path / layout.images).is_dir())
     if list_file is None and not scannable:
-        list_file = _first_file(root_path, (f"{split}.lst", *(layout.lists if layout else ())))
+        # the split's own list files (Cityscapes: <split>.lst); <split>.lst for a split it does not name
+        list_file = _first_file(root_path, layout.lists if layout else (f"{split}.lst",))
     if list_file is not None:
         pairs = _pairs_from_list(root_path, Path(list_file), split, spec)
     else:

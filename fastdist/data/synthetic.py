@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -153,13 +154,18 @@ def make_synthetic_cityscapes(
             lines = [f"{os.path.relpath(j[0], root)} {os.path.relpath(j[1], root)}\n" for j in jobs]
             (root / f"{split}.lst").write_text("".join(lines))
         all_jobs += jobs
+    _run_jobs(_write_sample, all_jobs, workers)
+    return root
+
+
+def _run_jobs(write: Callable[[tuple], None], jobs: list[tuple], workers: int) -> None:
+    """``write(job)`` for every job, in ``workers`` processes when more than one."""
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_sample, all_jobs, chunksize=4))
+            list(pool.map(write, jobs, chunksize=4))
     else:
-        for job in all_jobs:
-            _write_sample(job)
-    return root
+        for job in jobs:
+            write(job)
 
 
 # The stored id each dataset's annotators use for "no class" (every loader maps it to the ignore index).
@@ -280,12 +286,7 @@ def make_synthetic_dataset(
         if count:
             _write_lists(root, spec, split, names)
         all_jobs += jobs
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_dataset_sample, all_jobs, chunksize=4))
-    else:
-        for job in all_jobs:
-            _write_dataset_sample(job)
+    _run_jobs(_write_dataset_sample, all_jobs, workers)
     return root
 
 
