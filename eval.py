@@ -16,27 +16,20 @@ import sys
 import time
 
 from fastdist.data import DALI_HINT, DatasetError, check_dataset, dali_available, get_dataset, list_pairs
-from fastdist.engine.config import ConfigError, check_writable_dir
-from fastdist.engine.distributed import (
-    DistributedSetupError,
-    cleanup_distributed,
-    exit_process,
-    setup_distributed,
-)
-from fastdist.engine.evaluation import (
-    InferenceSetupError,
-    add_inference_args,
-    amp_dtype_from_name,
-    build_inference_model,
-    evaluate,
-    save_results_json,
-    to_device,
-)
+from fastdist.engine.config import ConfigError
+from fastdist.engine.distributed import DistributedSetupError, cleanup_distributed, exit_process
+from fastdist.engine.evaluation import evaluate, save_results_json
 from fastdist.engine.finite import NonFiniteLogitsError
 from fastdist.engine.flops import format_model_cost, model_cost
+from fastdist.engine.inference_cli import (
+    InferenceRun,
+    InferenceSetupError,
+    add_inference_args,
+    prepare_inference,
+)
 from fastdist.engine.logger import terminal_progress
 from fastdist.engine.metrics import format_iou_table
-from fastdist.engine.sliding import add_sliding_args, maybe_sliding
+from fastdist.engine.sliding import add_sliding_args, check_sliding_args, maybe_sliding
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    """Cheap checks of everything the user named, before any heavy start-up."""
+    """Eval-only cheap checks of everything the user named, before any heavy start-up."""
     spec = get_dataset(args.dataset)
     args.split = spec.recipe.eval_split if args.split is None else args.split
     if args.batch_size < 1:
@@ -64,9 +57,10 @@ def _validate(args: argparse.Namespace) -> None:
     if spec.varying_size and args.batch_size != 1:
         raise InferenceSetupError(f"--batch-size {args.batch_size}: {spec.title} images vary in size, so "
                                   "evaluation runs one whole image per batch and rank; use 1 (the default)")
-    amp_dtype_from_name(args.amp)
-    if args.save_dir:  # before the evaluation, not after it
-        check_writable_dir(args.save_dir, "--save-dir")
+    try:
+        check_sliding_args(args.eval_mode, args.crop_size, args.stride)
+    except ValueError as exc:
+        raise InferenceSetupError(str(exc)) from None
     if args.loader == "dali" and not dali_available():
         raise InferenceSetupError(f"--loader dali: {DALI_HINT}")
     check_dataset(args.data, args.split, dataset=spec)
@@ -90,54 +84,46 @@ def run(args: argparse.Namespace) -> dict:
     """Validate, load, evaluate on all ranks; print and save the results on the main rank."""
     from fastdist.data import build_loader, default_backend
 
-    _validate(args)
-    spec = get_dataset(args.dataset)
-    model = build_inference_model(args.model, args.backbone, args.pretrained, spec.num_classes)
-    pairs = list_pairs(args.data, args.split, dataset=spec)
-    args.model_cost = model_cost({"model": model}, _input_size(args, pairs[0].image))
-    try:
-        model = maybe_sliding(model, args.eval_mode, args.crop_size, args.stride)
-    except ValueError as exc:
-        raise InferenceSetupError(str(exc)) from None
-    env = setup_distributed(args.device)
-    channels_last = env.device.type == "cuda" if args.channels_last is None else args.channels_last
-    model = to_device(model, env.device, channels_last)
+    prep = prepare_inference(args, check=_validate)
+    env, runtime = prep.env, prep.runtime
+    cost = model_cost({"model": prep.model}, _input_size(args, prep.pairs[0].image))
+    model = maybe_sliding(prep.model, args.eval_mode, args.crop_size, args.stride)
     backend = args.loader if args.loader != "auto" else default_backend(env.device)
     loader = build_loader(args.data, args.split, args.batch_size, backend=backend, device=env.device,
                           rank=env.rank, world_size=env.world_size, num_threads=args.workers,
-                          channels_last=channels_last, augment=False,  # whole images, also for train
-                          check_files=False, dataset=spec)  # _validate ran check_dataset
+                          channels_last=runtime.channels_last, augment=False,  # whole images, also for train
+                          check_files=False, dataset=args.dataset)  # _validate ran check_dataset
     if env.is_main:
-        print("model cost (FlopCounterMode):\n" + format_model_cost(args.model_cost))
-    bar = terminal_progress(len(pairs[env.rank :: env.world_size])) if env.is_main else None
+        print("model cost (FlopCounterMode):\n" + format_model_cost(cost))
+    bar = terminal_progress(len(prep.shard)) if env.is_main else None
     start = time.perf_counter()
-    result = evaluate(model, loader, spec.num_classes, env.device, scales=tuple(args.scales),
-                      flip=args.flip_eval, amp_dtype=amp_dtype_from_name(args.amp),
-                      source=f"checkpoint {args.pretrained}",
+    classes = get_dataset(args.dataset).num_classes
+    result = evaluate(model, loader, classes, env.device, scales=tuple(args.scales),
+                      flip=args.flip_eval, amp=runtime.amp, source=f"checkpoint {args.pretrained}",
                       progress=bar.update if bar else None)
     if bar:
         bar.clear()
     seconds = time.perf_counter() - start
     if env.is_main:
-        _report(args, result, seconds, env.world_size)
+        _report(args, prep, result, cost, seconds)
     cleanup_distributed()
     return result
 
 
-def _report(args: argparse.Namespace, result: dict, seconds: float, world_size: int) -> None:
+def _report(args: argparse.Namespace, prep: InferenceRun, result: dict, cost: dict, seconds: float) -> None:
     """Print the metrics table and write the JSON file (main rank only)."""
+    world_size, amp = prep.env.world_size, prep.runtime.amp
     class_names = get_dataset(args.dataset).class_names
     print(format_iou_table(result["IoU"], class_names, miou=result["mIoU"]))
     print(f"{args.model}/{args.backbone} on {args.dataset} {args.split} ({result['images']} images, "
-          f"scales {args.scales}, flip {args.flip_eval}, {world_size} rank(s), {seconds:.1f} s): "
+          f"scales {args.scales}, flip {args.flip_eval}, amp {amp}, {world_size} rank(s), {seconds:.1f} s): "
           f"mIoU {100 * result['mIoU']:.2f}  pixAcc {100 * result['pixAcc']:.2f}")
     if args.save_dir:
         path = os.path.join(args.save_dir, f"eval_{args.model}_{args.backbone}_{args.split}.json")
         save_results_json(result, path, class_names, model=args.model, backbone=args.backbone,
                           checkpoint=os.path.abspath(args.pretrained), dataset=args.dataset, split=args.split,
-                          scales=list(args.scales), flip=args.flip_eval, world_size=world_size,
-                          eval_mode=args.eval_mode, model_cost=args.model_cost,
-                          seconds=round(seconds, 3))
+                          scales=list(args.scales), flip=args.flip_eval, amp=amp, world_size=world_size,
+                          eval_mode=args.eval_mode, model_cost=cost, seconds=round(seconds, 3))
         print(f"results written to {path}")
 
 

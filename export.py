@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from fastdist.data.cityscapes import NUM_CLASSES
-from fastdist.engine.evaluation import InferenceSetupError, _upsample, build_inference_model, main_logits
+from fastdist.engine.inference import main_logits, upsample_logits
+from fastdist.engine.inference_cli import InferenceSetupError, build_inference_model
 
 _PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 
@@ -39,7 +40,7 @@ class LogitsAtInputSize(nn.Module):
         self.model = model
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return _upsample(main_logits(self.model(image)), image.shape[-2:])
+        return upsample_logits(main_logits(self.model(image)), image.shape[-2:])
 
 
 def export_onnx(model: nn.Module, path: str, size: Sequence[int], batch: int = 2) -> int:

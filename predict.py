@@ -23,25 +23,13 @@ import argparse
 import sys
 import time
 
-from fastdist.data import DatasetError, get_dataset, list_pairs
-from fastdist.engine.config import ConfigError, check_writable_dir
-from fastdist.engine.distributed import (
-    DistributedSetupError,
-    barrier,
-    cleanup_distributed,
-    exit_process,
-    setup_distributed,
-)
-from fastdist.engine.evaluation import (
-    InferenceSetupError,
-    add_inference_args,
-    amp_dtype_from_name,
-    build_inference_model,
-    predict_images,
-    to_device,
-)
+from fastdist.data import DatasetError, get_dataset
+from fastdist.engine.config import ConfigError
+from fastdist.engine.distributed import DistributedSetupError, barrier, cleanup_distributed, exit_process
 from fastdist.engine.finite import NonFiniteLogitsError
+from fastdist.engine.inference_cli import InferenceSetupError, add_inference_args, prepare_inference
 from fastdist.engine.logger import terminal_progress
+from fastdist.engine.prediction import predict_images
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,30 +46,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, load, predict this rank's shard; returns the number of images this rank wrote."""
-    amp_dtype = amp_dtype_from_name(args.amp)
-    check_writable_dir(args.save_dir, "--save-dir")  # a file, no permission, a full disk: before the model
     spec = get_dataset(args.dataset)
     if args.split is None:
         args.split = "test" if "test" in spec.splits else spec.recipe.eval_split
-    pairs = list_pairs(args.data, args.split, dataset=spec)
-    model = build_inference_model(args.model, args.backbone, args.pretrained, spec.num_classes)
-    env = setup_distributed(args.device)
-    channels_last = env.device.type == "cuda" if args.channels_last is None else args.channels_last
-    model = to_device(model, env.device, channels_last)
-    shard = [pair.image for pair in pairs[env.rank :: env.world_size]]
+    prep = prepare_inference(args)
+    env, runtime = prep.env, prep.runtime
+    shard = [pair.image for pair in prep.shard]
     bar = terminal_progress(len(shard)) if env.is_main else None
     start = time.perf_counter()
-    written = predict_images(model, shard, args.save_dir, env.device, scales=tuple(args.scales),
-                             flip=args.flip_eval, amp_dtype=amp_dtype, color=not args.no_color,
-                             channels_last=channels_last, workers=args.workers,
+    written = predict_images(prep.model, shard, args.save_dir, env.device, scales=tuple(args.scales),
+                             flip=args.flip_eval, amp=runtime.amp, color=not args.no_color,
+                             channels_last=runtime.channels_last, workers=args.workers,
                              source=f"checkpoint {args.pretrained}",
                              progress=bar.update if bar else None, dataset=args.dataset)
     if bar:
         bar.clear()
     barrier()
     if env.is_main:
-        print(f"{len(pairs)} {args.split} predictions written to {args.save_dir} by {env.world_size} rank(s) "
-              f"in {time.perf_counter() - start:.1f} s")
+        print(f"{len(prep.pairs)} {args.split} predictions written to {args.save_dir} by {env.world_size} "
+              f"rank(s) in {time.perf_counter() - start:.1f} s")
     cleanup_distributed()
     return written
 

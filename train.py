@@ -6,26 +6,26 @@
         --student-pretrained-base ckpts/resnet18-imagenet.pth --save-dir work_dirs/dist_r18
 
 ``--teacher-model none`` trains the student alone (the reference ``train_baseline.py``; also how a
-teacher is trained). ``python train.py --help`` lists every flag; the recipe, the loop and the
-machinery live in ``fastdist.engine`` (config, kd, trainer, checkpoint, logger, signals).
+teacher is trained). ``python train.py --help`` lists every flag. The recipe: parse the flags into a
+`RunConfig`, build the models, maybe resume, fit; the machinery lives in ``fastdist.engine`` (config,
+kd, trainer, schedule, checkpoint, logger, signals).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+from torch import nn
 
 from fastdist.data import build_loader, get_dataset
 from fastdist.engine import checkpoint as ckpt
 from fastdist.engine.config import (
     ConfigError,
-    check_resume_compatible,
+    RunConfig,
     parse_config,
     recipe_warnings,
     remove_stale_temp_files,
@@ -34,126 +34,102 @@ from fastdist.engine.config import (
 )
 from fastdist.engine.dashboards import open_dashboards
 from fastdist.engine.distributed import DistEnv, barrier, cleanup_distributed, exit_process, setup_distributed
-from fastdist.engine.flops import log_model_cost
-from fastdist.engine.kd import (
-    DistillationLoss,
-    ModelLoadError,
-    build_student,
-    build_teacher,
-    drop_unused_teacher_heads,
-    prepare_student,
-    prepare_teacher,
-)
+from fastdist.engine.kd import ModelLoadError, build_student, build_teacher
 from fastdist.engine.lock import SaveDirLock, SaveDirLockError
 from fastdist.engine.logger import RunLogger
-from fastdist.engine.trainer import (
-    Trainer,
-    build_optimizer,
-    build_scaler,
-    configure_backends,
-    seed_everything,
-)
-from fastdist.models import CheckpointError, load_checkpoint
+from fastdist.engine.trainer import Trainer, configure_backends, seed_everything
+from fastdist.models import CheckpointError
 
 SETUP_ERRORS = (ConfigError, ModelLoadError, ckpt.CheckpointFormatError, CheckpointError,
                 SaveDirLockError)
 
 
-def load_resume(cfg: argparse.Namespace, student: torch.nn.Module) -> dict[str, Any] | None:
-    """The ``--resume`` training state, checked against the recipe and loaded into ``student``."""
-    if cfg.resume is None:
-        return None
-    state = ckpt.load_training_state(cfg.resume)
-    cfg.resume_notes = check_resume_compatible(state["config"], cfg)
-    try:
-        load_checkpoint(student, state["student"])
-    except CheckpointError as err:
-        raise ModelLoadError(f"--resume {cfg.resume}: {err}") from None
-    return state
+def build_loaders(cfg: RunConfig, env: DistEnv, start: int) -> tuple[Any, Any | None]:
+    """The training loader from iteration ``start`` on (the same order as an uninterrupted run) and
+    the validation loader (None with ``--skip-val``)."""
+    data = cfg.data
+    common = dict(backend=data.loader, device=env.device, rank=env.rank, world_size=env.world_size,
+                  num_threads=data.workers, channels_last=cfg.runtime.channels_last, dataset=data.dataset,
+                  check_files=False)  # parse_config checked the pairs and headers
+    train = build_loader(data.data, "train", cfg.optim.batch_per_rank, crop_size=data.crop_size,
+                         seed=cfg.optim.seed, max_iterations=cfg.schedule.max_iterations,
+                         start_iteration=start, **common)
+    val_split = get_dataset(data.dataset).recipe.val_split
+    val = None if cfg.schedule.skip_val else build_loader(data.data, val_split, cfg.validation.val_batch_size,
+                                                          **common)
+    return train, val
 
 
-def run(cfg: argparse.Namespace, env: DistEnv, student: torch.nn.Module, teacher: torch.nn.Module | None,
-        resume: dict[str, Any] | None) -> int:
-    """Everything after the cheap checks: device set-up, loaders, the training loop."""
-    configure_backends(env.device)
-    seed_everything(cfg.seed + env.rank)  # dropout streams differ per rank (restored on resume)
-    start = resume["iteration"] if resume else 0
-    removed, stale = [], []
-    if env.is_main:
-        # temporary files of a killed write (kill -9 during a checkpoint or config.json)
-        stale = remove_stale_temp_files(cfg.save_dir)
-        if cfg.log_dir != cfg.save_dir:
-            stale += remove_stale_temp_files(cfg.log_dir)
-        if cfg.overwrite and resume is None:
-            removed = ckpt.remove_earlier_run(cfg.save_dir, cfg.log_dir)
-        save_config(cfg, cfg.save_dir)
-    log = RunLogger(cfg.log_dir, env.is_main, progress_total=cfg.stop_at or cfg.max_iterations,
-                    progress_start=start, dashboards=open_dashboards(cfg, env.is_main))
-    log.info(f"fastdist train: {cfg.command}\n  device {env.device} x {env.world_size}, amp {cfg.amp} "
-             f"(validation {validation_precision(cfg)}), "
-             f"channels_last {cfg.channels_last}, compile {cfg.compile}, loader {cfg.loader}, "
-             f"kd backend {cfg.kd_backend}, optimizer {cfg.optimizer}\n"
-             f"  kd method {cfg.kd_method}: lambda_kd {cfg.lambda_kd}, temperature {cfg.kd_temperature}\n"
-             f"  dataset {cfg.dataset}: crop {cfg.crop_size}, batch {cfg.batch_size}, iterations "
-             f"{cfg.max_iterations}, lr {cfg.lr} (the dataset's recipe: "
-             f"{', '.join(cfg.dataset_defaults) or 'none'})")
+def _prepare_dirs(cfg: RunConfig, fresh: bool) -> list[str]:
+    """Rank 0: remove temporary files of killed writes (and, for ``--overwrite``, the earlier run) and
+    write config.json; returns the log lines that say what was removed."""
+    paths, lines = cfg.paths, []
+    stale = remove_stale_temp_files(paths.save_dir)
+    if paths.log_dir != paths.save_dir:
+        stale += remove_stale_temp_files(paths.log_dir)
     if stale:
-        log.info("removed temporary files of an interrupted write: "
-                 + ", ".join(map(os.path.basename, stale)))
+        lines.append("removed temporary files of an interrupted write: "
+                     + ", ".join(map(os.path.basename, stale)))
+    if paths.overwrite and fresh:
+        removed = ckpt.remove_earlier_run(paths.save_dir, paths.log_dir)
+        if removed:
+            names = ", ".join(map(os.path.basename, removed))
+            lines.append(f"--overwrite: removed the earlier run's {names}")
+    save_config(cfg, paths.save_dir)
+    return lines
+
+
+def _log_header(log: RunLogger, cfg: RunConfig, env: DistEnv, notes: list[str]) -> None:
+    rt, kd = cfg.runtime, cfg.distill
+    log.info(f"fastdist train: {rt.command}\n  device {env.device} x {env.world_size}, amp {rt.amp} "
+             f"(validation {validation_precision(cfg)}), "
+             f"channels_last {rt.channels_last}, compile {rt.compile}, loader {cfg.data.loader}, "
+             f"kd backend {kd.kd_backend}, optimizer {cfg.optim.optimizer}\n"
+             f"  kd method {kd.kd_method}: lambda_kd {kd.lambda_kd}, temperature {kd.kd_temperature}")
+    for line in notes:
+        log.info(line)
     for warning in recipe_warnings(cfg):
         log.warning(warning)
-    if removed:
-        log.info(f"--overwrite: removed the earlier run's {', '.join(map(os.path.basename, removed))}")
-    for note in getattr(cfg, "resume_notes", []):
+    for note in cfg.paths.resume_notes:
         log.warning(note)
-    if resume:
-        log.info(f"resuming from {cfg.resume} at iteration {start}")
 
-    drop_unused_teacher_heads(teacher, student)
-    if env.is_main:
-        log_model_cost(log, {"student": student, "teacher": teacher}, cfg.crop_size)
-    net = prepare_student(student, env.device, env.world_size, cfg.channels_last, cfg.compile)
-    teacher_net = prepare_teacher(teacher, env.device, cfg.channels_last, cfg.compile)
-    criterion = DistillationLoss(cfg.lambda_kd, cfg.kd_temperature, cfg.kd_beta, cfg.kd_gamma,
-                                 cfg.kd_backend, cfg.kd_mask, cfg.kd_intra_sync, cfg.kd_method)
-    optimizer = build_optimizer(cfg, student)
-    scaler = build_scaler(cfg.amp, env.device)
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
 
-    common = dict(backend=cfg.loader, device=env.device, rank=env.rank, world_size=env.world_size,
-                  num_threads=cfg.workers, channels_last=cfg.channels_last, dataset=cfg.dataset,
-                  check_files=False)  # parse_config checked the pairs and headers
-    train_loader = build_loader(cfg.data, "train", cfg.batch_per_rank, crop_size=tuple(cfg.crop_size),
-                                seed=cfg.seed, max_iterations=cfg.max_iterations, start_iteration=start,
-                                **common)
-    val_split = get_dataset(cfg.dataset).recipe.val_split
-    val_loader = None if cfg.skip_val else build_loader(cfg.data, val_split, cfg.val_batch_size, **common)
-
-    trainer = Trainer(cfg, env, net, student, teacher_net, criterion, optimizer, scaler, train_loader,
-                      val_loader, log, start_iteration=start,
-                      best_miou=resume.get("best_miou") if resume else None,
-                      best_iteration=resume.get("best_iteration") if resume else None,
-                      rng_states=resume.get("rng") if resume else None,
-                      owed=resume["owed"] if resume else None)
+def run(cfg: RunConfig, env: DistEnv, student: nn.Module, teacher: nn.Module | None,
+        state: dict[str, Any] | None) -> int:
+    """Everything after the cheap checks: device set-up, the Trainer (resumed from ``state``), fit."""
+    configure_backends(env.device)
+    seed_everything(cfg.optim.seed + env.rank)  # dropout streams differ per rank (restored on resume)
+    notes = _prepare_dirs(cfg, fresh=state is None) if env.is_main else []
+    log = RunLogger(cfg.paths.log_dir, env.is_main, progress_total=cfg.schedule.end,
+                    dashboards=open_dashboards(cfg, env.is_main))
     try:
-        code = trainer.fit()
+        _log_header(log, cfg, env, notes)
+        trainer = Trainer(cfg, env, student, teacher, log)
+        if state is not None:
+            trainer.load_state_dict(state)
+            log.info(f"resuming from {cfg.paths.resume} at iteration {trainer.iteration}")
+        code = trainer.fit(*build_loaders(cfg, env, trainer.iteration))
         barrier()  # no rank tears the process group down while rank 0 still writes checkpoints
         return code
     finally:
         log.close()
 
 
-def _lock_save_dir(cfg: argparse.Namespace, held: contextlib.ExitStack) -> None:
+def _lock_save_dir(cfg: RunConfig, held: contextlib.ExitStack) -> None:
     """Rank 0 holds the save dir's lock until ``held`` closes (`SaveDirLockError` if a live run has it)."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    lock = held.enter_context(SaveDirLock(cfg.save_dir))
+    lock = held.enter_context(SaveDirLock(cfg.paths.save_dir))
     if lock.stale:
         print(f"train.py: note: {lock.path} was left by a run that did not end cleanly ({lock.stale}); "
               "taken over", file=sys.stderr)
+
+
+def _nothing_to_do(state: dict[str, Any] | None, end: int) -> bool:
+    """The checkpoint is at (or past) the run's end and owes nothing (no failed last validation)."""
+    if state is None:
+        return False
+    return state["iteration"] > end or (state["iteration"] == end and not state["owed"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,23 +142,22 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> int:
     try:
         cfg = parse_config(argv)
         _lock_save_dir(cfg, held)
-        seed_everything(cfg.seed)  # identical initial weights on every rank
-        student, teacher = build_student(cfg), build_teacher(cfg)
-        resume = load_resume(cfg, student)
+        seed_everything(cfg.optim.seed)  # identical initial weights on every rank
+        classes = get_dataset(cfg.data.dataset).num_classes
+        student, teacher = build_student(cfg.model, classes), build_teacher(cfg.model, classes)
+        state = ckpt.load_training_state(cfg.paths.resume) if cfg.paths.resume else None
     except SETUP_ERRORS as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    end = cfg.stop_at or cfg.max_iterations
-    owes = resume is not None and resume["iteration"] == end and resume["owed"]  # a failed last validation
-    if resume is not None and resume["iteration"] >= end and not owes:
-        print(f"train.py: {cfg.resume} is at iteration {resume['iteration']}: nothing to do up to {end}",
-              file=sys.stderr)
+    if _nothing_to_do(state, cfg.schedule.end):
+        print(f"train.py: {cfg.paths.resume} is at iteration {state['iteration']}: nothing to do up to "
+              f"{cfg.schedule.end}", file=sys.stderr)
         return 0
-    env = setup_distributed(cfg.device)
+    env = setup_distributed(cfg.runtime.device)
     try:
-        return run(cfg, env, student, teacher, resume)
-    except ConfigError as err:  # config.json could not be written (disk full since the start-up check)
-        print(f"train.py: error: {err}", file=sys.stderr)
+        return run(cfg, env, student, teacher, state)
+    except (ConfigError, ModelLoadError) as err:  # config.json unwritable since the start-up check, or a
+        print(f"train.py: error: {err}", file=sys.stderr)  # --resume file whose weights do not fit
         return 2
     finally:
         cleanup_distributed()

@@ -44,7 +44,7 @@ import common
 import train_bench
 
 BACKENDS = ["dali", "torch"]
-# The train_bench configuration train.py runs on CUDA (fastdist.engine.config.resolve: bf16 autocast,
+# The train_bench configuration train.py runs on CUDA (fastdist.engine.runtime.resolve_runtime: bf16 autocast,
 # channels-last, compile on CUDA; the fused Triton loss): the data-wait target is defined with it.
 TRAINING_STEP = "+compile"
 

@@ -22,7 +22,7 @@ Byte models (the same bytes for every provider; one tensor-size = the bytes of S
   two-pass  (``bytes_moved``, ``gbps``, ``bw_frac_peak``): the traffic of the fused algorithm. fwd = read S
             and T; bwd = read S and T, write dS; fwd+bwd = both, 5 tensor-sizes (the column statistics
             need every row before any gradient can be formed, so S and T are read twice).
-  min-io    (``bytes_min_io``, ``gbps_min_io``, ``bw_frac_peak_min_io``): the issue's definition, "read S
+  min-io    (``bytes_min_io``, ``gbps_min_io``, ``bw_frac_peak_min_io``): the minimum traffic, "read S
             and T, write dS" (fwd: read S and T). It differs only for fwd+bwd (3 tensor-sizes), where a
             two-pass algorithm can reach at most 3/5 = 60% of peak.
 report.py therefore checks the 70% bandwidth target on ``bwd`` (the backward kernel reads S and T and

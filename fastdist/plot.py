@@ -55,7 +55,7 @@ def colorize(train_ids: np.ndarray) -> np.ndarray:
 def _run_model(run_dir: Path) -> Any:
     """The run's best (else final) reference export, loaded for inference."""
     from fastdist.engine.checkpoint import reference_export_name
-    from fastdist.engine.evaluation import build_inference_model
+    from fastdist.engine.inference_cli import build_inference_model
 
     config = json.loads((run_dir / "config.json").read_text())
     model, backbone = config["student_model"], config["student_backbone"]
@@ -74,7 +74,7 @@ def predict_examples(run_dirs: Sequence[str | os.PathLike], data: str, count: in
 
     from fastdist.data.cityscapes import label_lut, list_pairs
     from fastdist.data.torch_loader import read_image_bgr
-    from fastdist.engine.evaluation import image_to_input, infer_logits
+    from fastdist.engine.inference import image_to_input, infer_logits
 
     pairs = list_pairs(data, split)[:count]
     models = [_run_model(Path(d)) for d in run_dirs]

@@ -288,7 +288,7 @@ def test_loader_step_is_the_training_configuration(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    cfg = config.resolve(config.build_parser().parse_args(["--device", "cuda"]))
+    cfg = config.build_config(config.build_parser().parse_args(["--device", "cuda"])).runtime
     name = loader_bench.default_step_config(is_cuda=True, quick=False)
     step = {c.name: c for c in train_bench.ablation("triton")}[name]
     assert (step.compile, step.channels_last, step.amp) == (cfg.compile, cfg.channels_last, cfg.amp == "bf16")

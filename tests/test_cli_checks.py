@@ -1,4 +1,4 @@
-"""Start-up checks of train.py / eval.py / predict.py (issue 12, items 3 and 7-10): non-finite or
+"""Start-up checks of train.py / eval.py / predict.py: non-finite or
 out-of-range numbers, unusable output folders, a full disk, stale temporary files, the triton backend
 without CUDA, resume with other teacher weights or data, validation precision, the temperature the
 reference ignores. All but one are argparse / parse_config level; one tiny run checks the log."""
@@ -74,7 +74,7 @@ def _exits_2(call, capsys: pytest.CaptureFixture, *needles: str) -> str:
     return err
 
 
-# ----------------------------------------------------------------------------------- item 3: numbers
+# ------------------------------------------------------------------------------------------ numbers
 @pytest.mark.parametrize(("flag", "value"), [
     ("--lr", "nan"), ("--lr", "inf"), ("--lr", "0"), ("--lr", "-0.01"), ("--momentum", "inf"),
     ("--momentum", "nan"), ("--weight-decay", "inf"), ("--lambda-kd", "inf"), ("--lambda-kd", "nan"),
@@ -106,7 +106,7 @@ def test_inference_scales_must_be_finite_and_sane(script: str, value: str, tmp_p
     _exits_2(lambda: cli.parse_args(argv), capsys, "argument --scales:", value)
 
 
-# ---------------------------------------------------------------------------- item 7: clean errors
+# ------------------------------------------------------------------------------------- clean errors
 def test_eval_save_dir_that_is_a_file_fails_before_evaluating(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
     not_a_dir = tmp_path / "results"
@@ -195,10 +195,10 @@ def test_triton_backend_without_cuda_or_interpreter_fails_at_start_up(
     with pytest.raises(ConfigError, match="--kd-backend triton needs a CUDA device"):
         parse_config(_kd(data, tmp_path, "--kd-backend", "triton"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert parse_config(_kd(data, tmp_path, "--kd-backend", "triton")).kd_backend == "triton"
+    assert parse_config(_kd(data, tmp_path, "--kd-backend", "triton")).distill.kd_backend == "triton"
 
 
-# ----------------------------------------------------------------------- item 8: resume inputs
+# ------------------------------------------------------------------------------------ resume inputs
 def test_resume_warns_about_other_teacher_weights_or_data(data: Path, tmp_path: Path) -> None:
     from fastdist.models import build_model, to_reference_state_dict
 
@@ -242,7 +242,7 @@ def test_non_finite_hint_names_a_way_resume_accepts(data: Path, tmp_path: Path) 
         check_resume_compatible(saved, parse_config(_base(data, tmp_path, "--lr", "0.01")))
 
 
-# ---------------------------------------------------------------- items 9, 10: recipe fidelity
+# ---------------------------------------------------------------------------------- recipe fidelity
 def test_validation_precision(data: Path, tmp_path: Path) -> None:
     def precision(*extra: str) -> str:
         return validation_precision(parse_config(_base(data, tmp_path, *extra)))
@@ -277,3 +277,63 @@ def test_tiny_run_logs_precision_warning_and_removes_stale_files(data: Path, tmp
     (val,) = [r for r in records if r["kind"] == "val"]
     assert val["precision"] == "fp32"
     assert ckpt.load_training_state(str(save / ckpt.LATEST))["config"]["val_amp"] is False
+
+
+# ------------------------------------------------------- one runtime vocabulary for every entry point
+def _inference_argv(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--model", "psp_mobile", "--backbone", "mobilenetv2", "--data", str(tmp_path),
+            "--pretrained", str(tmp_path / "w.pth"), "--save-dir", str(tmp_path), *extra]
+
+
+@pytest.mark.parametrize(("spelling", "canonical"), [
+    ("auto", "auto"), ("bf16", "bf16"), ("BF16", "bf16"), ("fp16", "fp16"), ("off", "off"), ("none", "off"),
+    ("fp32", "off"), ("None", "off"),
+])  # fmt: skip
+def test_amp_spellings_are_the_same_for_every_entry_point(spelling: str, canonical: str,
+                                                          tmp_path: Path) -> None:
+    assert build_parser().parse_args(["--amp", spelling]).amp == canonical
+    for script in ("eval.py", "predict.py"):
+        assert _load_cli(script).parse_args(_inference_argv(tmp_path, "--amp", spelling)).amp == canonical
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "predict.py"])
+def test_unknown_amp_is_an_argparse_error(script: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    parse = build_parser().parse_args if script == "train.py" else _load_cli(script).parse_args
+    argv = ["--amp", "int8"] if script == "train.py" else _inference_argv(tmp_path, "--amp", "int8")
+    _exits_2(lambda: parse(argv), capsys, "argument --amp:", "int8", "bf16", "none")
+
+
+def test_runtime_defaults_are_the_same_for_every_entry_point(tmp_path: Path) -> None:
+    train_ns = build_parser().parse_args([])
+    assert (train_ns.device, train_ns.amp, train_ns.channels_last) == ("auto", "auto", None)
+    for script in ("eval.py", "predict.py"):
+        ns = _load_cli(script).parse_args(_inference_argv(tmp_path))
+        assert (ns.device, ns.amp, ns.channels_last) == ("auto", "auto", None)
+
+
+def test_resolve_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastdist.engine.runtime import Runtime, resolve_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_runtime("auto", "auto", None, None) == Runtime("auto", "cpu", "off", False, False)
+    assert resolve_runtime("cpu", "bf16", True) == Runtime("cpu", "cpu", "bf16", True, False)
+    assert resolve_runtime("cpu", "fp32", None).amp == "off"
+    with pytest.raises(ValueError, match="--device cuda but CUDA is not available"):
+        resolve_runtime("cuda", None, None)
+    with pytest.raises(ValueError, match="--device tpu: expected auto, cuda, cuda:N or cpu"):
+        resolve_runtime("tpu", None, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for bf16, amp in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, bf16=bf16, **k: bf16)
+        assert resolve_runtime("auto", None, None, None) == Runtime("auto", "cuda", amp, True, True)
+    assert resolve_runtime("cuda:1", "off", False, False) == Runtime("cuda:1", "cuda", "off", False, False)
+
+
+def test_train_help_prints_each_default_once() -> None:
+    parser = build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        text = (formatter._get_help_string(action) or "").replace("%(default)s", str(action.default))
+        assert text.count("default") <= 1, (action.option_strings, text)
+    assert "(default: None)" not in " ".join(formatter._get_help_string(a) or "" for a in parser._actions
+                                             if a.dest in ("amp", "loader", "val_batch_size", "eval_stride"))

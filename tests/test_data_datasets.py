@@ -23,7 +23,8 @@ from fastdist.data import DatasetError, build_loader, check_pairs, get_dataset, 
 from fastdist.data.cityscapes import MEAN_BGR
 from fastdist.data.synthetic import main as synthetic_main
 from fastdist.data.synthetic import make_synthetic_dataset
-from fastdist.engine.evaluation import InferenceSetupError, build_inference_model, evaluate
+from fastdist.engine.evaluation import evaluate
+from fastdist.engine.inference_cli import InferenceSetupError, build_inference_model
 from fastdist.models import build_model
 
 DATASETS = ("ade20k", "voc", "camvid", "cocostuff164k")

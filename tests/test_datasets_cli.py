@@ -56,16 +56,16 @@ def _model(data: Path, name: str, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("name", DATASETS + ("citys",))
 def test_recipe_defaults_and_overrides(trees: dict[str, Path], tmp_path: Path, name: str) -> None:
-    cfg = parse_config(_model(trees[name], name, "--save-dir", str(tmp_path / "a")))
-    assert [cfg.crop_size, cfg.batch_size, cfg.max_iterations, cfg.lr] == list(RECIPES[name])
-    assert cfg.dataset_defaults == ["crop_size", "batch_size", "max_iterations", "lr"]
+    flat = config_dict(parse_config(_model(trees[name], name, "--save-dir", str(tmp_path / "a"))))
+    assert [flat["crop_size"], flat["batch_size"], flat["max_iterations"], flat["lr"]] == list(RECIPES[name])
+    assert flat["dataset_defaults"] == ["crop_size", "batch_size", "max_iterations", "lr"]
     varying = get_dataset(name).varying_size
-    assert cfg.val_batch_size == (1 if varying else cfg.batch_per_rank)
-    cfg = parse_config(_model(trees[name], name, "--save-dir", str(tmp_path / "b"), "--crop-size", "16", "24",
-                              "--lr", "0.5", "--batch-size", "4"))
-    assert [cfg.crop_size, cfg.batch_size, cfg.max_iterations, cfg.lr] == [[16, 24], 4, RECIPES[name][2], 0.5]
-    assert cfg.dataset_defaults == ["max_iterations"]
-    assert config_dict(cfg)["dataset"] == name
+    assert flat["val_batch_size"] == (1 if varying else flat["batch_per_rank"])
+    flat = config_dict(parse_config(_model(trees[name], name, "--save-dir", str(tmp_path / "b"),
+                                           "--crop-size", "16", "24", "--lr", "0.5", "--batch-size", "4")))
+    assert [flat["crop_size"], flat["batch_size"], flat["max_iterations"], flat["lr"]] == [
+        [16, 24], 4, RECIPES[name][2], 0.5]
+    assert flat["dataset_defaults"] == ["max_iterations"] and flat["dataset"] == name
     if varying:
         with pytest.raises(ConfigError, match="vary in size"):
             parse_config(_model(trees[name], name, "--save-dir", str(tmp_path / "c"),

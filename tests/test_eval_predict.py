@@ -28,8 +28,10 @@ from fastdist.engine.distributed import (
     cleanup_distributed,
     setup_distributed,
 )
-from fastdist.engine.evaluation import evaluate, infer_logits, prediction_paths
+from fastdist.engine.evaluation import evaluate
+from fastdist.engine.inference import infer_logits
 from fastdist.engine.metrics import ConfusionMatrix
+from fastdist.engine.prediction import prediction_paths
 from fastdist.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +138,7 @@ def test_evaluate_real_model_shapes_amp_and_train_state() -> None:
     label = torch.randint(0, NUM_CLASSES, (2, 29, 45))
     images = torch.randn(2, 3, 29, 45).contiguous(memory_format=torch.channels_last)
     res = evaluate(model, [(images, label)], NUM_CLASSES, torch.device("cpu"), scales=(0.75, 1.25),
-                   flip=True, amp_dtype=torch.bfloat16)
+                   flip=True, amp="bf16")
     assert model.training, "evaluate must restore train mode"
     assert set(res) == {"mIoU", "pixAcc", "IoU", "images"} and len(res["IoU"]) == NUM_CLASSES
     assert 0.0 <= res["mIoU"] <= 1.0 and res["images"] == 2
@@ -150,7 +152,8 @@ import json, sys
 import torch
 from torch import nn
 from fastdist.engine.distributed import setup_distributed, cleanup_distributed, exit_process
-from fastdist.engine.evaluation import evaluate, infer_logits
+from fastdist.engine.evaluation import evaluate
+from fastdist.engine.inference import infer_logits
 from fastdist.engine.metrics import ConfusionMatrix
 
 env = setup_distributed("cpu")

@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as eval_cli  # noqa: E402  (the repository-root script)
 from fastdist.data.synthetic import make_synthetic_cityscapes  # noqa: E402
 from fastdist.engine.config import ConfigError, parse_config  # noqa: E402
-from fastdist.engine.evaluation import evaluate, predict_images  # noqa: E402
+from fastdist.engine.evaluation import evaluate  # noqa: E402
 from fastdist.engine.logger import ProgressBar  # noqa: E402
+from fastdist.engine.prediction import predict_images  # noqa: E402
 from fastdist.models import build_model  # noqa: E402
 
 
@@ -88,7 +89,8 @@ def test_train_config_validation_windows(workspace: dict[str, Path]) -> None:
             "psp_mobile", "--student-backbone", "mobilenetv2", "--crop-size", "32", "64",
             "--save-dir", str(workspace["root"] / "run")]
     cfg = parse_config([*base, "--eval-mode", "slide", "--eval-stride", "16", "32"])
-    assert cfg.eval_mode == "slide" and cfg.eval_stride == [16, 32] and not cfg.tensorboard
-    assert parse_config(base).eval_mode == "whole"
+    val = cfg.validation
+    assert val.eval_mode == "slide" and val.eval_stride == (16, 32) and not cfg.paths.tensorboard
+    assert parse_config(base).validation.eval_mode == "whole"
     with pytest.raises(ConfigError, match="skips pixels"):
         parse_config([*base, "--eval-mode", "slide", "--eval-stride", "48", "32"])

@@ -15,7 +15,8 @@ import export  # noqa: E402  (the repository-root script)
 def test_export_matches_pytorch(tmp_path, capsys) -> None:
     import onnxruntime
 
-    from fastdist.engine.evaluation import build_inference_model, main_logits
+    from fastdist.engine.inference import main_logits
+    from fastdist.engine.inference_cli import build_inference_model
     from fastdist.models import build_model
 
     torch.manual_seed(0)

@@ -60,25 +60,26 @@ def check(backend, s, t, beta=1.0, gamma=1.0, tau=1.0, mask=None, grad_tol=None)
     return loss, d_s, d_t
 
 
-# (shape, channels_last): odd sizes, 2-D and 4-D, both memory formats, C=2 and larger C.
+PARAMS = [(1.0, 1.0, 1.0), (4.0, 2.0, 2.0), (0.5, 1.0, 0.3)]  # (tau, beta, gamma)
+# (shape, channels_last, (tau, beta, gamma)): odd sizes, 2-D and 4-D, both memory formats, C=2 and
+# larger C; each case names its own hyper-parameters, so adding a case changes no other case
 SHAPES = [
-    ((37, 19), False),
-    ((2, 19, 5, 7), False),
-    ((2, 19, 5, 7), True),
-    ((3, 2, 4, 5), True),
-    ((1, 33, 3, 11), False),
+    ((37, 19), False, PARAMS[0]),
+    ((2, 19, 5, 7), False, PARAMS[2]),
+    ((2, 19, 5, 7), True, PARAMS[2]),
+    ((3, 2, 4, 5), True, PARAMS[0]),
+    ((1, 33, 3, 11), False, PARAMS[1]),
 ]
 DTYPES = [(F32, F32), (F16, F16), (BF16, BF16), (BF16, F32), (F32, F16)]
-PARAMS = [(1.0, 1.0, 1.0), (4.0, 2.0, 2.0), (0.5, 1.0, 0.3)]  # (tau, beta, gamma)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
-@pytest.mark.parametrize("shape,channels_last", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("shape,channels_last,params", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_parity_grid(backend, shape, channels_last, dtypes, device):
+def test_parity_grid(backend, shape, channels_last, params, dtypes, device):
     s, t = make(shape, dtypes, channels_last, device, seed=len(shape) + shape[1])
-    tau, beta, gamma = PARAMS[(shape[1] + len(shape)) % len(PARAMS)]
+    tau, beta, gamma = params
     check(backend, s, t, beta, gamma, tau)
 
 
@@ -272,10 +273,15 @@ def test_auto_backend_resolution():
     assert torch.equal(fastdist.dist_loss(s, t), fastdist.dist_loss(s, t, backend="torch"))
 
 
-def test_triton_max_classes_in_sync():
-    from kernels import dist_loss as kernels
+def test_auto_takes_triton_only_where_the_kernels_fit():
+    from kernels.dist_loss import MAX_C
 
-    assert api._TRITON_MAX_C == kernels.MAX_C
+    def fits(c: int, dtype: torch.dtype = torch.float32) -> bool:
+        x = torch.empty(2, c, dtype=dtype)
+        return api._triton_fits(x, x)
+
+    assert fits(2) and fits(MAX_C)
+    assert not fits(MAX_C + 1) and not fits(19, torch.float64)
 
 
 def test_non_dense_input_is_handled():
@@ -330,15 +336,18 @@ BAD_HYPERPARAMS = [
     ("gamma", float("inf"), ValueError, "gamma must be finite"),
     ("gamma", -0.5, ValueError, "gamma must be >= 0"),
     ("beta", -1, ValueError, "beta must be >= 0"),
+    # a wrong type is a ValueError like every bad value (and a TypeError too)
+    ("beta", "1.0", ValueError, "beta must be a real number"),
     ("beta", "1.0", TypeError, "beta must be a real number"),
-    ("gamma", None, TypeError, "gamma must be a real number"),
-    ("tau", True, TypeError, "tau must be a real number"),
+    ("gamma", None, ValueError, "gamma must be a real number"),
+    ("tau", True, ValueError, "tau must be a real number"),
+    ("beta", torch.tensor(1.0), ValueError, "beta must be a real number"),
     ("beta", torch.tensor(1.0), TypeError, "beta must be a real number"),
 ]
 
 
 @pytest.mark.parametrize(
-    "name,value,exc,match", BAD_HYPERPARAMS, ids=[f"{n}={v!r}" for n, v, _, _ in BAD_HYPERPARAMS]
+    "name,value,exc,match", BAD_HYPERPARAMS, ids=[f"{n}={v!r}-{e.__name__}" for n, v, e, _ in BAD_HYPERPARAMS]
 )
 @pytest.mark.parametrize("intra_sync", [False, True])
 def test_bad_hyperparams_rejected(name, value, exc, match, intra_sync):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastdist.engine.evaluation import evaluate, infer_logits
+from fastdist.engine.evaluation import evaluate
+from fastdist.engine.inference import infer_logits
 from fastdist.engine.sliding import SlidingWindow, check_sliding_args, maybe_sliding, window_starts
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,13 @@ sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402
 from fastdist.engine import checkpoint as ckpt  # noqa: E402
-from fastdist.engine.config import ConfigError, build_parser, check_resume_compatible, parse_config  # noqa: E402
+from fastdist.engine.config import (  # noqa: E402
+    ConfigError,
+    build_parser,
+    check_resume_compatible,
+    config_dict,
+    parse_config,
+)
 from fastdist.engine.kd import DistillationLoss, kd_keep_mask  # noqa: E402
 from fastdist.engine.schedule import poly_lr  # noqa: E402
 from fastdist.engine.signals import PreemptionHandler  # noqa: E402
@@ -61,9 +68,24 @@ def test_defaults_are_the_reference_recipe() -> None:
 
 def test_resolved_config_on_cpu(data: Path) -> None:
     cfg = parse_config(_base(data, "--batch-size", "4", "--gpu-id", "0,1", "--student-pretrained", "None"))
-    assert (cfg.amp, cfg.channels_last, cfg.compile, cfg.loader) == ("off", False, False, "torch")
-    assert cfg.teacher_model is None and cfg.student_pretrained is None and cfg.batch_per_rank == 4
-    assert cfg.save_dir == os.path.join("runs", "baseline_psp_mobile_mobilenetv2") == cfg.log_dir
+    rt = cfg.runtime
+    assert (rt.amp, rt.channels_last, rt.compile, cfg.data.loader) == ("off", False, False, "torch")
+    assert cfg.model.teacher_model is None and cfg.model.student_pretrained is None
+    assert cfg.optim.batch_per_rank == 4 and cfg.reference.gpu_id == "0,1"
+    assert cfg.paths.save_dir == os.path.join("runs", "baseline_psp_mobile_mobilenetv2") == cfg.paths.log_dir
+
+
+def test_config_json_keys_are_the_flags_and_the_derived_values(data: Path) -> None:
+    """config.json (and every checkpoint) keeps one flat key per flag plus the derived values, as
+    written before the typed config, so older checkpoints resume; the parts share no field name."""
+    cfg = parse_config(_base(data, "--batch-size", "4"))
+    derived = {"batch_per_rank", "command", "data_root", "device_type", "random_teacher", "resume_notes",
+               "teacher_sha256", "torch_version", "world_size"}
+    assert set(config_dict(cfg)) == set(vars(build_parser().parse_args([]))) | derived
+    fields = [f.name for part in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, part.name))]
+    assert len(fields) == len(set(fields)) == len(config_dict(cfg))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.runtime.amp = "bf16"  # type: ignore[misc]
 
 
 def test_poly_schedule() -> None:
@@ -103,10 +125,11 @@ def test_resume_from_plain_weights_or_another_recipe_fails_fast(data: Path, tmp_
 
     cfg = parse_config(_base(data, "--lr", "0.01"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    state = ckpt.training_state(model, opt, None, 3, [ckpt.rng_state(torch.device("cpu"))], None, None,
-                                json.loads(json.dumps(vars(cfg), default=str)))
+    state = {"iteration": 3, "student": to_reference_state_dict(model), "optimizer": opt.state_dict(),
+             "scaler": None, "rng": [ckpt.rng_state(torch.device("cpu"))], "best_miou": None,
+             "best_iteration": None, "owed": []}
     other = tmp_path / "latest.pth"
-    ckpt.atomic_save(state, str(other))
+    ckpt.save_training_state(state, config_dict(cfg), str(other))
     _fails_fast(_base(data, "--resume", str(other)), capsys, "different recipe",
                 "lr: checkpoint 0.01, now 0.02")
 
@@ -143,7 +166,7 @@ def test_a_new_run_never_replaces_an_earlier_one(data: Path, tmp_path: Path,
     (save / "latest.pth").write_bytes(b"earlier run")
     _fails_fast(_base(data, "--save-dir", str(save)), capsys, f"--save-dir {save} already holds a run "
                 "(latest.pth)", "--resume auto", "--overwrite")
-    assert parse_config(_base(data, "--save-dir", str(save), "--overwrite")).resume is None
+    assert parse_config(_base(data, "--save-dir", str(save), "--overwrite")).paths.resume is None
     (save / "latest.pth").rename(save / "best.pth")  # nothing to resume, still an earlier run's best
     err = _fails_fast(_base(data, "--save-dir", str(save), "--resume", "auto"), capsys, "(best.pth)")
     assert "--resume auto" not in err
@@ -180,7 +203,7 @@ def test_apex_optimizer_needs_apex(data: Path, capsys: pytest.CaptureFixture) ->
 
 def test_resume_compatibility_notes(data: Path) -> None:
     cfg = parse_config(_base(data, "--amp", "bf16"))
-    saved = json.loads(json.dumps(vars(cfg), default=str))
+    saved = config_dict(cfg)
     saved.update(amp="off", world_size=2)
     notes = check_resume_compatible(saved, cfg)
     assert any("world size" in n for n in notes) and any("amp" in n for n in notes)

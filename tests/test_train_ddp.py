@@ -42,9 +42,9 @@ def _probe(out: Path, argv: list[str]) -> int:
             images = images * float("nan")
         step(self, images, labels, iteration)
 
-    def recording_fit(self):  # noqa: ANN001
-        code = fit(self)
-        torch.save(self.student_module.state_dict(), out / f"weights_rank{rank}.pt")
+    def recording_fit(self, *loaders):  # noqa: ANN001, ANN002
+        code = fit(self, *loaders)
+        torch.save(self.student.state_dict(), out / f"weights_rank{rank}.pt")
         (out / f"batches_rank{rank}.json").write_text(json.dumps(seen))
         return code
 
@@ -53,6 +53,7 @@ def _probe(out: Path, argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))  # this checkout's fastdist, not an installed copy elsewhere
     from fastdist.engine.distributed import exit_process
 
     exit_process(_probe(Path(sys.argv[1]), sys.argv[3:]))

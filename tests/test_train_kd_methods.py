@@ -41,10 +41,11 @@ def _argv(data: Path, save: Path, *extra: str) -> list[str]:
 def test_method_defaults_and_overrides(data: Path, tmp_path: Path, method: str, lam: float,
                                        tau: float) -> None:
     cfg = parse_config(_argv(data, tmp_path, "--kd-method", method))
-    assert (cfg.kd_method, cfg.lambda_kd, cfg.kd_temperature) == (method, lam, tau)
+    kd = cfg.distill
+    assert (kd.kd_method, kd.lambda_kd, kd.kd_temperature) == (method, lam, tau)
     cfg = parse_config(_argv(data, tmp_path, "--kd-method", method, "--lambda-kd", "0.5",
                              "--kd-temperature", "2"))
-    assert (cfg.lambda_kd, cfg.kd_temperature) == (0.5, 2.0)
+    assert (cfg.distill.lambda_kd, cfg.distill.kd_temperature) == (0.5, 2.0)
 
 
 def test_intra_sync_is_dist_only(data: Path, tmp_path: Path) -> None:
@@ -80,12 +81,12 @@ def test_two_iterations_per_method(data: Path, tmp_path: Path, method: str, lam:
 def test_resume_of_a_checkpoint_from_before_kd_method(data: Path, tmp_path: Path) -> None:
     """A config.json without kd_method (written before --kd-method existed) was a DIST run: it resumes
     under the default method and is refused under another one."""
-    from fastdist.engine.config import check_resume_compatible
+    from fastdist.engine.config import check_resume_compatible, config_dict
 
     cfg = parse_config(_argv(data, tmp_path))
-    saved = json.loads(json.dumps(vars(cfg), default=str))
+    saved = config_dict(cfg)
     del saved["kd_method"]
-    assert cfg.kd_method == "dist"
+    assert cfg.distill.kd_method == "dist"
     check_resume_compatible(saved, cfg)  # no ConfigError
     other = parse_config(_argv(data, tmp_path, "--kd-method", "kd"))
     with pytest.raises(ConfigError, match="kd_method: checkpoint 'dist', now 'kd'"):

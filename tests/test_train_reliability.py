@@ -1,4 +1,5 @@
-"""A diverging run, NaN models, unfinished runs and shared save dirs (issue 12 items 1, 2, 4, 5)."""
+"""A diverging run, NaN models, unfinished runs and shared save dirs (non-finite state, refused
+scores, owed work after a failed validation, the save-dir lock)."""
 
 from __future__ import annotations
 
@@ -176,12 +177,13 @@ def test_a_second_run_on_a_live_save_dir_is_refused(data: Path, tmp_path: Path,
 def test_a_skipped_first_fp16_step_leaves_zero_momentum() -> None:
     """torch's fused SGD allocates momentum with empty_like on its first step; a GradScaler skip must not
     leave that memory as momentum (found by the finite-state check on an fp16 run)."""
-    from argparse import Namespace
-
+    from fastdist.engine.config import OptimConfig
     from fastdist.engine.trainer import build_optimizer
 
     net = torch.nn.Linear(64, 64)
-    opt = build_optimizer(Namespace(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.0), net)
+    optim = OptimConfig(batch_size=2, batch_per_rank=2, lr=0.1, momentum=0.9, weight_decay=0.0,
+                        optimizer="sgd", seed=0)
+    opt = build_optimizer(optim, net)
     scaler = torch.amp.GradScaler("cpu")
     for x in (torch.full((2, 64), float("inf")), torch.ones(2, 64)):  # inf gradients: skipped, then a step
         torch.full((64, 64), float("nan"))  # freed at once: NaN memory that empty_like may get back

@@ -1,11 +1,13 @@
-"""Training checkpoints: atomic writes, full training state, per-rank RNG states, reference export.
+"""Training checkpoints on disk: atomic writes, the file format, per-rank RNG states as plain values,
+the reference export. What a checkpoint holds is the Trainer's (`Trainer.state_dict`); this module
+only writes and reads it.
 
 A training checkpoint (``latest.pth``, ``best.pth``) is a dict::
 
-    {"format": "fastdist-train", "version": 1, "iteration": int, "student": state dict,
-     "optimizer": state dict, "scaler": state dict | None, "rng": [per-rank RNG states],
-     "best_miou": float | None, "best_iteration": int | None, "config": resolved configuration,
-     "owed": list of "validate" / "export"}
+    {"format": "fastdist-train", "version": 1, "config": resolved configuration (config_dict),
+     **Trainer.state_dict(): "iteration": int, "student": state dict, "optimizer": state dict,
+     "scaler": state dict | None, "rng": [per-rank RNG states], "best_miou": float | None,
+     "best_iteration": int | None, "owed": list of "validate" / "export"}
 
 ``owed`` is what the iteration still had to do when the file was written (``latest.pth`` is saved
 before validating, so that a failing validation loses no training): ``--resume`` does it first.
@@ -34,9 +36,9 @@ from torch import nn
 
 from fastdist.models import to_reference_state_dict
 
-__all__ = ["BEST", "FORMAT", "LATEST", "CheckpointFormatError", "CheckpointWriteError", "OWED", "atomic_save",
-           "export_reference", "gather_rng_states", "load_training_state", "reference_export_name",
-           "remove_earlier_run", "rng_state", "set_rng_state"]
+__all__ = ["BEST", "FORMAT", "LATEST", "OWED", "CheckpointFormatError", "CheckpointWriteError", "atomic_copy",
+           "atomic_save", "export_reference", "gather_rng_states", "load_training_state", "read_saved_config",
+           "reference_export_name", "remove_earlier_run", "rng_state", "save_training_state", "set_rng_state"]
 
 FORMAT = "fastdist-train"
 VERSION = 1
@@ -142,29 +144,15 @@ def gather_rng_states(device: torch.device) -> list[dict[str, Any]]:
     return states
 
 
-def training_state(student: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, iteration: int,
-                   rng: list[dict[str, Any]], best_miou: float | None, best_iteration: int | None,
-                   config: dict[str, Any], owed: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The checkpoint dict (see the module docstring); ``student`` is the plain (unwrapped) module."""
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "iteration": iteration,
-        "student": to_reference_state_dict(student),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng,
-        "best_miou": best_miou,
-        "best_iteration": best_iteration,
-        "config": config,
-        "owed": list(owed),
-    }
+def save_training_state(state: dict[str, Any], config: dict[str, Any], path: str) -> None:
+    """Write a training checkpoint: ``state`` (`Trainer.state_dict`) with the format header and the
+    resolved ``config`` (`config_dict`), atomically."""
+    atomic_save({"format": FORMAT, "version": VERSION, "config": config, **state}, path)
 
 
-def load_training_state(path: str) -> dict[str, Any]:
-    """Read a training checkpoint on the CPU; raise `CheckpointFormatError` for anything else."""
+def _read(path: str, mmap: bool = False) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated file, not a torch file, unsupported pickle content...
         reason = f"{type(err).__name__}: {err}"
         raise CheckpointFormatError(f"--resume {path}: cannot read it ({reason})") from None
@@ -178,6 +166,17 @@ def load_training_state(path: str) -> dict[str, Any]:
     if not set(state.setdefault("owed", [])) <= set(OWED):
         raise CheckpointFormatError(f"--resume {path}: unknown pending work {state['owed']}")
     return state
+
+
+def load_training_state(path: str) -> dict[str, Any]:
+    """Read a training checkpoint on the CPU; raise `CheckpointFormatError` for anything else."""
+    return _read(path)
+
+
+def read_saved_config(path: str) -> dict[str, Any]:
+    """The resolved configuration a training checkpoint was written under, without reading its tensors
+    (memory-mapped); `CheckpointFormatError` for a file that is not a training checkpoint."""
+    return dict(_read(path, mmap=True)["config"])
 
 
 def reference_export_name(student_model: str, student_backbone: str, distilled: bool, best: bool,
@@ -203,7 +202,8 @@ def remove_earlier_run(save_dir: str, log_dir: str) -> list[str]:
             saved = json.load(f)
         distilled = saved.get("teacher_model") is not None
         names += [reference_export_name(saved["student_model"], saved["student_backbone"], distilled, best,
-                                        saved.get("dataset", "citys")) for best in (True, False)]
+                                        saved.get("dataset", "citys"))
+                  for best in (True, False)]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no readable config.json: only the fixed names
     paths = [os.path.join(save_dir, n) for n in names]

@@ -1,20 +1,28 @@
-"""Command line of ``train.py``: argparse groups, validation that fails in seconds, resolved config.
+"""Command line of ``train.py``: argparse groups, validation that fails in seconds, one frozen config.
 
 The flags and defaults are those of the reference ``train_kd.py`` (DIST_KD / CIRKD), so its scripts
 run unchanged; ``--teacher-model none`` is the reference ``train_baseline.py``. The speed flags
 (``--amp``, ``--channels-last``, ``--compile``, ``--loader``, ``--kd-backend``, ``--optimizer``) default
 to the fast setting for the device and can each be switched off for ablations.
 
+`parse_config` returns a `RunConfig`: frozen dataclasses, one per concern (`ModelConfig`, `DataConfig`,
+`OptimConfig`, `DistillConfig`, `RuntimeConfig`, `ScheduleConfig`, `ValidationConfig`, `PathsConfig`,
+`ReferenceFlags`), with every derived value (device type, world size, per-rank batch, random teacher,
+command line, torch version, resume notes, ...) computed once in `build_config`; each component gets
+only its part (``build_optimizer(cfg.optim, ...)``). Field names are the flags' names, so
+`config_dict` (what ``config.json`` and every checkpoint store) is the union of the parts' fields:
+the same keys as before the dataclasses, which `check_resume_compatible` compares on ``--resume``.
+
 `parse_config` validates everything that is cheap to validate (names, files, the dataset layout, the
-batch split) before any heavy start-up and raises `ConfigError` with a message that says what to do.
-`resolve` turns the ``None`` ("auto") defaults into concrete values; the result is what is saved as
-``config.json`` beside the checkpoints and inside every checkpoint.
+batch split, the recipe of a ``--resume`` checkpoint) before any heavy start-up and raises
+`ConfigError` with a message that says what to do.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -23,18 +31,22 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fastdist.data import DALI_HINT, DATASET_NAMES, dali_available, default_backend, get_dataset
 from fastdist.engine.dashboards import add_dashboard_args, check_dashboards
+from fastdist.engine.runtime import add_runtime_args, resolve_runtime
 from fastdist.engine.sliding import add_sliding_args, check_sliding_args
 
-__all__ = ["ConfigError", "DATASET_RECIPE_FLAGS", "NON_FINITE_HINT", "RECIPE_KEYS", "apply_dataset_recipe",
+__all__ = ["DATASET_RECIPE_FLAGS", "NON_FINITE_HINT", "RECIPE_KEYS", "ConfigError", "DataConfig",
+           "DistillConfig", "ModelConfig", "OptimConfig", "PathsConfig", "ReferenceFlags", "RunConfig",
+           "RuntimeConfig", "ScheduleConfig", "ValidationConfig", "apply_dataset_recipe", "build_config",
            "build_parser", "check_resume_compatible", "check_writable_dir", "config_dict", "finite_nonneg",
            "finite_positive", "finite_scale",
-           "parse_config", "recipe_warnings", "remove_stale_temp_files", "resolve", "save_config",
+           "parse_config", "recipe_warnings", "remove_stale_temp_files", "save_config",
            "validation_precision"]
 
 # Flags that define the training problem: a checkpoint resumes only under the same values
@@ -72,6 +84,146 @@ SCALE_RANGE = (0.1, 8.0)
 
 class ConfigError(ValueError):
     """A command line that cannot run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The two networks and their initial weights (``--student-*``, ``--teacher-*``)."""
+
+    student_model: str
+    student_backbone: str
+    student_pretrained: str | None
+    student_pretrained_base: str | None
+    teacher_model: str | None  # None: no teacher, the student trains alone (--teacher-model none)
+    teacher_backbone: str | None
+    teacher_pretrained: str | None
+    teacher_pretrained_base: str | None
+    random_teacher: bool  # --teacher-pretrained none: a randomly initialised teacher (benchmarks)
+    teacher_sha256: str | None  # the contents of --teacher-pretrained, which --resume compares
+
+    @property
+    def distilled(self) -> bool:
+        """True when a teacher distils into the student."""
+        return self.teacher_model is not None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The training data and its loader (``--data``, ``--dataset``, ``--crop-size``, ``--loader``, ...)."""
+
+    data: str  # as given
+    data_root: str  # its real path: what --resume compares (--data may be relative or a link)
+    dataset: str
+    crop_size: tuple[int, int]
+    loader: str  # dali or torch
+    workers: int
+    dataset_defaults: tuple[str, ...] = ()  # the DATASET_RECIPE_FLAGS taken from the dataset's recipe
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The optimiser and the batch (``--lr``, ``--momentum``, ``--weight-decay``, ``--batch-size``, ...)."""
+
+    batch_size: int  # global
+    batch_per_rank: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    optimizer: str  # sgd or apex
+    seed: int
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The distillation loss (``--kd-*``, ``--lambda-kd``); the method's defaults already filled in."""
+
+    kd_method: str
+    lambda_kd: float
+    kd_temperature: float
+    kd_beta: float
+    kd_gamma: float
+    kd_backend: str
+    kd_mask: str
+    kd_intra_sync: bool
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where and how the run executes (`fastdist.engine.runtime` resolved the device's defaults)."""
+
+    device: str  # as given: auto, cpu, cuda, cuda:N
+    device_type: str  # cuda or cpu
+    world_size: int
+    amp: str  # bf16, fp16 or off
+    channels_last: bool
+    compile: bool
+    command: str  # the command line, as logged
+    torch_version: str
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The iterations and the periods of the loop (`fastdist.engine.schedule.plan` reads them)."""
+
+    max_iterations: int  # the poly schedule's length
+    stop_at: int | None  # this run's last iteration when earlier than max_iterations
+    log_iter: int
+    check_every: int
+    save_per_iters: int
+    val_per_iters: int
+    skip_val: bool
+
+    @property
+    def end(self) -> int:
+        """The last iteration this run trains (``--stop-at`` or ``--max-iterations``)."""
+        return min(self.max_iterations, self.stop_at or self.max_iterations)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Training validation (``--val-batch-size``, ``--val-amp``, ``--eval-mode``, ``--eval-stride``)."""
+
+    val_batch_size: int
+    val_amp: bool
+    eval_mode: str
+    eval_stride: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """What the run reads to start from and where it writes (checkpoints, logs, dashboards)."""
+
+    save_dir: str
+    log_dir: str
+    resume: str | None  # the checkpoint file (--resume auto resolved), or None
+    resume_notes: tuple[str, ...]  # changes since the --resume checkpoint, logged as warnings
+    overwrite: bool
+    tensorboard: bool
+    wandb: str | None
+
+
+@dataclass(frozen=True)
+class ReferenceFlags:
+    """Flags of the reference scripts that are accepted and ignored (saved in config.json as given)."""
+
+    gpu_id: str | None
+    local_rank: int | None
+    aux: bool
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved ``train.py`` configuration, one part per concern; built once by `build_config`."""
+
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    distill: DistillConfig
+    runtime: RuntimeConfig
+    schedule: ScheduleConfig
+    validation: ValidationConfig
+    paths: PathsConfig
+    reference: ReferenceFlags
 
 
 def _optional_path(value: str) -> str | None:
@@ -115,13 +267,22 @@ def finite_scale(value: str) -> float:
     return _number(value, float, lambda x: low <= x <= high, f"a scale between {low} and {high}")
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to the help texts that do not say their default themselves."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``train.py`` argument parser (reference-compatible flags first in each group)."""
     p = argparse.ArgumentParser(
         prog="train.py",
         description="DIST knowledge distillation for semantic segmentation on Cityscapes "
         "(torchrun --nproc_per_node=N train.py ...). --teacher-model none trains a model alone.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     g = p.add_argument_group("models")
     g.add_argument("--teacher-model", default="deeplabv3", help="teacher model name, or 'none' (no KD)")
@@ -176,11 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intra-class relation over the global batch (one small all-reduce per loss)")
 
     g = p.add_argument_group("performance")
-    g.add_argument("--device", default="auto", help="auto, cuda or cpu (cpu: gloo, for tests)")
-    g.add_argument("--amp", choices=("bf16", "fp16", "off"), default=None,
-                   help="autocast dtype (default: bf16 on GPUs that have it, else fp16; off on CPU)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last model and data (default: on for CUDA)")
+    add_runtime_args(g)  # --device, --amp, --channels-last: the same as eval.py and predict.py
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile student and teacher (default: on for CUDA)")
 
@@ -222,12 +379,94 @@ def _world_size() -> int:
         return 1
 
 
-def _check_models(cfg: argparse.Namespace) -> None:
+def _model_config(ns: argparse.Namespace) -> ModelConfig:
+    no_teacher = ns.teacher_model in _NONE_STRINGS
+    # "--teacher-pretrained none" asks for a random teacher; leaving the flag out is an error with a teacher.
+    random_teacher = ns.teacher_pretrained in _NONE_STRINGS
+    teacher_pretrained = None if random_teacher else ns.teacher_pretrained
+    weights = teacher_pretrained if teacher_pretrained and os.path.isfile(teacher_pretrained) else None
+    return ModelConfig(
+        student_model=ns.student_model, student_backbone=ns.student_backbone,
+        student_pretrained=ns.student_pretrained, student_pretrained_base=ns.student_pretrained_base,
+        teacher_model=None if no_teacher else ns.teacher_model,
+        teacher_backbone=None if no_teacher else ns.teacher_backbone,
+        teacher_pretrained=teacher_pretrained, teacher_pretrained_base=ns.teacher_pretrained_base,
+        random_teacher=random_teacher, teacher_sha256=_sha256(weights) if weights else None)
+
+
+def _distill_config(ns: argparse.Namespace) -> DistillConfig:
+    if ns.kd_intra_sync and ns.kd_method != "dist":
+        raise ConfigError(f"--kd-intra-sync is a DIST option; --kd-method {ns.kd_method} has no "
+                          "batch-wide term")
+    lambda_kd, temperature = KD_METHOD_DEFAULTS[ns.kd_method]
+    return DistillConfig(
+        kd_method=ns.kd_method, lambda_kd=lambda_kd if ns.lambda_kd is None else ns.lambda_kd,
+        kd_temperature=temperature if ns.kd_temperature is None else ns.kd_temperature,
+        kd_beta=ns.kd_beta, kd_gamma=ns.kd_gamma, kd_backend=ns.kd_backend, kd_mask=ns.kd_mask,
+        kd_intra_sync=ns.kd_intra_sync)
+
+
+def _runtime_config(ns: argparse.Namespace, command: str) -> RuntimeConfig:
+    try:
+        rt = resolve_runtime(ns.device, ns.amp, ns.channels_last, ns.compile)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return RuntimeConfig(device=rt.device, device_type=rt.device_type, world_size=_world_size(), amp=rt.amp,
+                         channels_last=rt.channels_last, compile=rt.compile, command=command,
+                         torch_version=str(torch.__version__))
+
+
+def _paths_config(ns: argparse.Namespace, models: ModelConfig) -> PathsConfig:
+    kind = "kd" if models.distilled else "baseline"
+    save_dir = os.path.expanduser(ns.save_dir or os.path.join(
+        "runs", f"{kind}_{models.student_model}_{models.student_backbone}"))
+    resume = ns.resume
+    if resume == "auto":
+        latest = os.path.join(save_dir, "latest.pth")
+        resume = latest if os.path.isfile(latest) else None
+    return PathsConfig(save_dir=save_dir, log_dir=os.path.expanduser(ns.log_dir) if ns.log_dir else save_dir,
+                       resume=resume, resume_notes=(), overwrite=ns.overwrite, tensorboard=ns.tensorboard,
+                       wandb=ns.wandb)
+
+
+def build_config(ns: argparse.Namespace, command: str = "train.py") -> RunConfig:
+    """The `RunConfig` of parsed flags ``ns``: the device's defaults and every derived value filled in.
+
+    Reads nothing but the environment (``WORLD_SIZE``), CUDA's availability and the teacher weights'
+    digest; the checks of names, files and data are `parse_config`'s.
+    """
+    models = _model_config(ns)
+    runtime = _runtime_config(ns, command)
+    batch_per_rank = ns.batch_size // runtime.world_size
+    return RunConfig(
+        model=models,
+        data=DataConfig(data=ns.data, data_root=os.path.realpath(ns.data), dataset=ns.dataset,
+                        crop_size=(ns.crop_size[0], ns.crop_size[1]), workers=ns.workers,
+                        loader=ns.loader or default_backend(runtime.device_type),
+                        dataset_defaults=tuple(getattr(ns, "dataset_defaults", ()))),
+        optim=OptimConfig(batch_size=ns.batch_size, batch_per_rank=batch_per_rank, lr=ns.lr,
+                          momentum=ns.momentum, weight_decay=ns.weight_decay, optimizer=ns.optimizer,
+                          seed=ns.seed),
+        distill=_distill_config(ns),
+        runtime=runtime,
+        schedule=ScheduleConfig(max_iterations=ns.max_iterations, stop_at=ns.stop_at, log_iter=ns.log_iter,
+                                check_every=ns.check_every, save_per_iters=ns.save_per_iters,
+                                val_per_iters=ns.val_per_iters, skip_val=ns.skip_val),
+        validation=ValidationConfig(
+            val_batch_size=ns.val_batch_size or _default_val_batch(ns.dataset, batch_per_rank),
+            val_amp=ns.val_amp,
+            eval_mode=ns.eval_mode, eval_stride=tuple(ns.eval_stride) if ns.eval_stride else None),
+        paths=_paths_config(ns, models),
+        reference=ReferenceFlags(gpu_id=ns.gpu_id, local_rank=ns.local_rank, aux=ns.aux),
+    )
+
+
+def _check_models(models: ModelConfig) -> None:
     from fastdist.models import VALID_COMBINATIONS
 
-    pairs = [("student", cfg.student_model, cfg.student_backbone)]
-    if cfg.teacher_model is not None:
-        pairs.append(("teacher", cfg.teacher_model, cfg.teacher_backbone))
+    pairs = [("student", models.student_model, models.student_backbone)]
+    if models.distilled:
+        pairs.append(("teacher", models.teacher_model, models.teacher_backbone))
     for role, model, backbone in pairs:
         if backbone not in VALID_COMBINATIONS.get(model, ()):
             valid = "; ".join(f"{m} on {', '.join(bs)}" for m, bs in VALID_COMBINATIONS.items())
@@ -235,20 +474,18 @@ def _check_models(cfg: argparse.Namespace) -> None:
                               f"Use --{role}-model/--{role}-backbone from: {valid}")
 
 
-def _check_files(cfg: argparse.Namespace) -> None:
+def _check_files(models: ModelConfig) -> None:
     for flag in ("teacher_pretrained", "teacher_pretrained_base", "student_pretrained",
                  "student_pretrained_base"):
-        path = getattr(cfg, flag)
+        path = getattr(models, flag)
         if path is not None and not os.path.isfile(path):
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: file not found")
-    # resume compares it: the same file name may hold other weights by then
-    cfg.teacher_sha256 = _sha256(cfg.teacher_pretrained) if cfg.teacher_pretrained else None
-    teacher_weights = cfg.teacher_pretrained or cfg.teacher_pretrained_base or cfg.random_teacher
-    if cfg.teacher_model is None and teacher_weights:
+    teacher_weights = models.teacher_pretrained or models.teacher_pretrained_base or models.random_teacher
+    if not models.distilled and teacher_weights:
         raise ConfigError("--teacher-pretrained / --teacher-pretrained-base given with --teacher-model none "
                           "(no teacher, no distillation): name the teacher with --teacher-model/"
                           "--teacher-backbone, or drop the teacher weights")
-    if cfg.teacher_model is not None and cfg.teacher_pretrained is None and not cfg.random_teacher:
+    if models.distilled and models.teacher_pretrained is None and not models.random_teacher:
         raise ConfigError(
             "distilling needs the teacher's weights: pass --teacher-pretrained PATH (train a teacher with "
             "--teacher-model none), or --teacher-pretrained none for a random teacher (benchmarks only)")
@@ -262,66 +499,77 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _check_dataset(cfg: argparse.Namespace) -> None:
+def _check_dataset(cfg: RunConfig) -> None:
     from fastdist.data import check_dataset
     from fastdist.data.cityscapes import DatasetError
 
-    spec = get_dataset(cfg.dataset)
-    splits = ["train"] + ([] if cfg.skip_val else [spec.recipe.val_split])
+    spec = get_dataset(cfg.data.dataset)
+    if spec.varying_size and cfg.validation.val_batch_size != 1:
+        raise ConfigError(f"--val-batch-size {cfg.validation.val_batch_size}: {spec.title} images vary in "
+                          "size, so validation runs one image per batch and rank; leave the flag out or "
+                          "use 1")
+    splits = ["train"] + ([] if cfg.schedule.skip_val else [spec.recipe.val_split])
     for split in splits:
         try:
-            check_dataset(cfg.data, split, rank=int(os.environ.get("RANK", "0")), world_size=cfg.world_size,
-                          dataset=spec)
+            check_dataset(cfg.data.data, split, rank=int(os.environ.get("RANK", "0")),
+                          world_size=cfg.runtime.world_size, dataset=spec)
         except DatasetError as err:
-            raise ConfigError(f"dataset {cfg.data!r} ({split}): {err}. Point --data at a {spec.title} root "
-                              "(see fastdist.data.datasets for the layout), or make a synthetic one with "
-                              f"`python -m fastdist.data.synthetic --dataset {spec.name} DIR`") from None
+            raise ConfigError(f"dataset {cfg.data.data!r} ({split}): {err}. Point --data at a {spec.title} "
+                              "root (see fastdist.data.datasets for the layout), or make a synthetic one "
+                              f"with `python -m fastdist.data.synthetic --dataset {spec.name} DIR`") from None
 
 
-def apply_dataset_recipe(cfg: argparse.Namespace, argv: Sequence[str] | None) -> None:
-    """Set the `DATASET_RECIPE_FLAGS` not given in ``argv`` to ``--dataset``'s recipe (in place) and
-    record which ones came from it (``cfg.dataset_defaults``, saved in config.json); the validation
-    batch of a dataset whose image sizes vary is one image per rank."""
+def _default_val_batch(dataset: str, batch_per_rank: int) -> int:
+    """One image per batch where the dataset's image sizes vary, else the per-rank training batch."""
+    return 1 if get_dataset(dataset).varying_size else max(1, batch_per_rank)
+
+
+def apply_dataset_recipe(ns: argparse.Namespace, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Set the `DATASET_RECIPE_FLAGS` not given in ``argv`` to ``--dataset``'s recipe (in place; returns
+    ``ns``) and record which ones came from it (``ns.dataset_defaults``, saved in config.json)."""
     unset = object()  # a default no command line can produce: the flag was left out
     probe = build_parser()
     probe.set_defaults(**dict.fromkeys(DATASET_RECIPE_FLAGS, unset))
     given = vars(probe.parse_args(argv))
-    spec = get_dataset(cfg.dataset)
-    cfg.dataset_defaults = [flag for flag in DATASET_RECIPE_FLAGS if given[flag] is unset]
-    for flag in cfg.dataset_defaults:
-        value = getattr(spec.recipe, flag)
-        setattr(cfg, flag, list(value) if isinstance(value, tuple) else value)
-    if spec.varying_size:
-        if cfg.val_batch_size not in (None, 1):
-            raise ConfigError(f"--val-batch-size {cfg.val_batch_size}: {spec.title} images vary in size, so "
-                              "validation runs one image per batch and rank; leave the flag out or use 1")
-        cfg.val_batch_size = 1
+    recipe = get_dataset(ns.dataset).recipe
+    ns.dataset_defaults = [flag for flag in DATASET_RECIPE_FLAGS if given[flag] is unset]
+    for flag in ns.dataset_defaults:
+        value = getattr(recipe, flag)
+        setattr(ns, flag, list(value) if isinstance(value, tuple) else value)
+    return ns
 
 
-def _check_numbers(cfg: argparse.Namespace) -> None:
-    if cfg.batch_size % cfg.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} (global) is not divisible by the {cfg.world_size} "
-                          "ranks; use a multiple of --nproc_per_node x nodes")
-    sync_bn = cfg.device_type == "cuda" and cfg.world_size > 1
-    if cfg.batch_per_rank < 2 and not sync_bn:
-        raise ConfigError(f"--batch-size {cfg.batch_size} gives 1 image per rank: the BatchNorm after the "
+def _check_numbers(cfg: RunConfig) -> None:
+    optim, runtime = cfg.optim, cfg.runtime
+    if optim.batch_size % runtime.world_size:
+        raise ConfigError(f"--batch-size {optim.batch_size} (global) is not divisible by the "
+                          f"{runtime.world_size} ranks; use a multiple of --nproc_per_node x nodes")
+    sync_bn = runtime.device_type == "cuda" and runtime.world_size > 1
+    if optim.batch_per_rank < 2 and not sync_bn:
+        raise ConfigError(f"--batch-size {optim.batch_size} gives 1 image per rank: the BatchNorm after the "
                           "models' global pooling needs at least 2 (SyncBatchNorm over several GPUs "
-                          f"excepted); use --batch-size {2 * cfg.world_size} or more")
-    if cfg.stop_at is not None and cfg.stop_at > cfg.max_iterations:
-        raise ConfigError(f"--stop-at {cfg.stop_at} is beyond --max-iterations {cfg.max_iterations}")
-    if cfg.kd_backend == "triton" and cfg.teacher_model is not None:
-        _check_triton(cfg.device_type)
-    if cfg.loader == "dali" and not dali_available():
+                          f"excepted); use --batch-size {2 * runtime.world_size} or more")
+    if cfg.schedule.stop_at is not None and cfg.schedule.stop_at > cfg.schedule.max_iterations:
+        raise ConfigError(f"--stop-at {cfg.schedule.stop_at} is beyond --max-iterations "
+                          f"{cfg.schedule.max_iterations}")
+
+
+def _check_features(cfg: RunConfig) -> None:
+    """The optional packages and devices the chosen speed and output flags need."""
+    if cfg.distill.kd_backend == "triton" and cfg.model.distilled:
+        _check_triton(cfg.runtime.device_type)
+    if cfg.data.loader == "dali" and not dali_available():
         raise ConfigError(f"--loader dali: {DALI_HINT}")
     try:
-        check_sliding_args(cfg.eval_mode, cfg.crop_size, cfg.eval_stride)
+        check_sliding_args(cfg.validation.eval_mode, cfg.data.crop_size, cfg.validation.eval_stride)
     except ValueError as err:
         raise ConfigError(f"validation windows: {err}") from None
     try:
-        check_dashboards(cfg.tensorboard, cfg.wandb)
+        check_dashboards(cfg.paths.tensorboard, cfg.paths.wandb)
     except RuntimeError as err:
         raise ConfigError(str(err)) from None
-    if cfg.optimizer == "apex" and (cfg.device_type != "cuda" or importlib.util.find_spec("apex") is None):
+    apex_missing = cfg.runtime.device_type != "cuda" or importlib.util.find_spec("apex") is None
+    if cfg.optim.optimizer == "apex" and apex_missing:
         raise ConfigError("--optimizer apex needs a GPU and NVIDIA apex with its CUDA extensions "
                           "(https://github.com/NVIDIA/apex#installation); --optimizer sgd uses torch's fused "
                           "SGD, the same update rule")
@@ -335,66 +583,33 @@ def _check_triton(device_type: str) -> None:
                           "TRITON_INTERPRET=1, for tests); use --kd-backend auto or torch on CPU")
 
 
-def resolve(cfg: argparse.Namespace) -> argparse.Namespace:
-    """Fill in the device-dependent defaults and derived values (in place; returns ``cfg``)."""
-    cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but CUDA is not available here; use --device cpu")
-    cfg.device_type = "cuda" if cuda else "cpu"
-    if cfg.amp is None:
-        cfg.amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "off"
-    if cfg.channels_last is None:
-        cfg.channels_last = cuda
-    if cfg.compile is None:
-        cfg.compile = cuda
-    if cfg.loader is None:
-        cfg.loader = default_backend(cfg.device_type)
-    lambda_kd, temperature = KD_METHOD_DEFAULTS[cfg.kd_method]
-    cfg.lambda_kd = lambda_kd if cfg.lambda_kd is None else cfg.lambda_kd
-    cfg.kd_temperature = temperature if cfg.kd_temperature is None else cfg.kd_temperature
-    if cfg.kd_intra_sync and cfg.kd_method != "dist":
-        raise ConfigError(f"--kd-intra-sync is a DIST option; --kd-method {cfg.kd_method} has no "
-                          "batch-wide term")
-    cfg.world_size = _world_size()
-    cfg.batch_per_rank = cfg.batch_size // cfg.world_size
-    if cfg.val_batch_size is None:
-        cfg.val_batch_size = max(1, cfg.batch_per_rank)
-    kind = "kd" if cfg.teacher_model is not None else "baseline"
-    if cfg.save_dir is None:
-        cfg.save_dir = os.path.join("runs", f"{kind}_{cfg.student_model}_{cfg.student_backbone}")
-    cfg.save_dir = os.path.expanduser(cfg.save_dir)
-    cfg.log_dir = os.path.expanduser(cfg.log_dir) if cfg.log_dir else cfg.save_dir
-    if cfg.resume == "auto":
-        latest = os.path.join(cfg.save_dir, "latest.pth")
-        cfg.resume = latest if os.path.isfile(latest) else None
-    cfg.crop_size = list(cfg.crop_size)
-    cfg.data_root = os.path.realpath(cfg.data)  # what resume compares: --data may be relative
-    cfg.torch_version = str(torch.__version__)
-    return cfg
-
-
-def parse_config(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse, resolve and validate the command line; raises `ConfigError` (checks that take seconds at
-    most: names, files, the dataset's pairs and file headers, the batch split)."""
-    cfg = build_parser().parse_args(argv)
-    apply_dataset_recipe(cfg, argv)
-    cfg.command = " ".join(["train.py", *(sys.argv[1:] if argv is None else argv)])
-    if cfg.teacher_model in _NONE_STRINGS:
-        cfg.teacher_model = None
-        cfg.teacher_backbone = None
-    # "--teacher-pretrained none" asks for a random teacher; leaving the flag out is an error with a teacher.
-    cfg.random_teacher = cfg.teacher_pretrained in _NONE_STRINGS
-    if cfg.random_teacher:
-        cfg.teacher_pretrained = None
-    resolve(cfg)
-    _check_numbers(cfg)
-    _check_models(cfg)
-    _check_files(cfg)
-    if cfg.resume is not None and not os.path.isfile(cfg.resume):
-        raise ConfigError(f"--resume {cfg.resume}: file not found (use --resume auto to continue only when "
+def _with_resume_notes(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the notes on what changed since its ``--resume`` checkpoint (ConfigError if the
+    recipe changed, `CheckpointFormatError` if the file is not a training checkpoint)."""
+    resume = cfg.paths.resume
+    if resume is None:
+        return cfg
+    if not os.path.isfile(resume):
+        raise ConfigError(f"--resume {resume}: file not found (use --resume auto to continue only when "
                           "SAVE_DIR/latest.pth exists)")
-    _check_save_dir(cfg)
-    for flag, directory in (("--save-dir", cfg.save_dir), ("--log-dir", cfg.log_dir)):
+    from fastdist.engine.checkpoint import read_saved_config
+
+    notes = tuple(check_resume_compatible(read_saved_config(resume), cfg))
+    return dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, resume_notes=notes))
+
+
+def parse_config(argv: Sequence[str] | None = None) -> RunConfig:
+    """Parse, resolve and validate the command line; raises `ConfigError` (checks that take seconds at
+    most: names, files, the dataset's pairs and file headers, the batch split, the resumed recipe)."""
+    command = " ".join(["train.py", *(sys.argv[1:] if argv is None else argv)])
+    cfg = build_config(apply_dataset_recipe(build_parser().parse_args(argv), argv), command)
+    _check_numbers(cfg)
+    _check_features(cfg)
+    _check_models(cfg.model)
+    _check_files(cfg.model)
+    cfg = _with_resume_notes(cfg)
+    _check_save_dir(cfg.paths)
+    for flag, directory in (("--save-dir", cfg.paths.save_dir), ("--log-dir", cfg.paths.log_dir)):
         check_writable_dir(directory, flag)
     _check_dataset(cfg)
     return cfg
@@ -477,43 +692,45 @@ def remove_stale_temp_files(directory: str) -> list[str]:
     return removed
 
 
-def _check_save_dir(cfg: argparse.Namespace) -> None:
+def _check_save_dir(paths: PathsConfig) -> None:
     """A new run never silently replaces the checkpoints of an earlier run in its save dir."""
-    if cfg.resume is not None or cfg.overwrite:
+    if paths.resume is not None or paths.overwrite:
         return
-    found = [name for name in ("latest.pth", "best.pth") if os.path.isfile(os.path.join(cfg.save_dir, name))]
+    found = [name for name in ("latest.pth", "best.pth")
+             if os.path.isfile(os.path.join(paths.save_dir, name))]
     if found:
         hint = "continue it with --resume auto, " if "latest.pth" in found else ""
-        raise ConfigError(f"--save-dir {cfg.save_dir} already holds a run ({', '.join(found)}): {hint}"
+        raise ConfigError(f"--save-dir {paths.save_dir} already holds a run ({', '.join(found)}): {hint}"
                           "start over in it with --overwrite (replaces its checkpoints), or pick another "
                           "--save-dir")
 
 
-def check_resume_compatible(saved: dict[str, Any], cfg: argparse.Namespace) -> list[str]:
-    """Raise `ConfigError` if the recipe differs from the checkpoint's; return notes on other changes."""
-    saved = {**RECIPE_KEY_DEFAULTS, **saved}
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in RECIPE_KEYS
-             if _normal(saved.get(k)) != _normal(getattr(cfg, k))]
+def check_resume_compatible(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Raise `ConfigError` if the recipe differs from the checkpoint's config ``saved`` (a `config_dict`);
+    return notes on other changes."""
+    saved, now = {**RECIPE_KEY_DEFAULTS, **saved}, config_dict(cfg)
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in RECIPE_KEYS
+             if saved.get(k) != now[k]]
     if diffs:
         listing = "\n  ".join(diffs)
-        raise ConfigError(f"--resume {cfg.resume} was trained with a different recipe:\n  {listing}\n"
+        raise ConfigError(f"--resume {cfg.paths.resume} was trained with a different recipe:\n  {listing}\n"
                           "Re-run with the checkpoint's values (its config.json lists them) or start a new "
                           "run without --resume.")
-    notes = _input_changes(saved, cfg)
-    if saved.get("world_size") != cfg.world_size:
-        notes.append(f"world size changed ({saved.get('world_size')} -> {cfg.world_size}): the global "
+    notes = _input_changes(saved, now)
+    if saved.get("world_size") != now["world_size"]:
+        notes.append(f"world size changed ({saved.get('world_size')} -> {now['world_size']}): the global "
                      "batch is the same but data order and random streams differ from an uninterrupted run")
     for key in ("amp", "val_amp", "optimizer", "compile", "channels_last", "loader", "kd_backend"):
-        if key in saved and saved[key] != getattr(cfg, key):
-            notes.append(f"{key} changed: {saved[key]!r} -> {getattr(cfg, key)!r}")
+        if key in saved and saved[key] != now[key]:
+            notes.append(f"{key} changed: {saved[key]!r} -> {now[key]!r}")
     return notes
 
 
-def _input_changes(saved: dict[str, Any], cfg: argparse.Namespace) -> list[str]:
+def _input_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Inputs outside the recipe keys that still change the run: the teacher weights and the dataset."""
     notes = []
-    old_path, new_path = saved.get("teacher_pretrained"), cfg.teacher_pretrained
-    old_sha, new_sha = saved.get("teacher_sha256"), cfg.teacher_sha256
+    old_path, new_path = saved.get("teacher_pretrained"), now["teacher_pretrained"]
+    old_sha, new_sha = saved.get("teacher_sha256"), now["teacher_sha256"]
     # the contents decide where both are known (a moved copy is the same teacher), else the path
     if (old_sha != new_sha) if old_sha and new_sha else (old_path != new_path):
         what = (f"{old_path!r} -> {new_path!r}" if old_path != new_path
@@ -523,39 +740,41 @@ def _input_changes(saved: dict[str, Any], cfg: argparse.Namespace) -> list[str]:
                      "the run so far")
     # checkpoints from before data_root was saved: their --data, relative to today's working directory
     saved_root = saved.get("data_root") or os.path.realpath(saved.get("data", ""))
-    if saved_root != cfg.data_root:
-        notes.append(f"--data changed: {saved_root!r} -> {cfg.data_root!r}; training continues on other data")
+    if saved_root != now["data_root"]:
+        notes.append(f"--data changed: {saved_root!r} -> {now['data_root']!r}; training continues on other "
+                     "data")
     return notes
 
 
-def validation_precision(cfg: argparse.Namespace) -> str:
+def validation_precision(cfg: RunConfig) -> str:
     """``"bf16"``/``"fp16"`` when training validation runs under the training autocast (``--val-amp``),
     else ``"fp32"`` (the reference metric, the default)."""
-    return cfg.amp if cfg.val_amp and cfg.amp != "off" else "fp32"
+    amp = cfg.runtime.amp
+    return amp if cfg.validation.val_amp and amp != "off" else "fp32"
 
 
-def recipe_warnings(cfg: argparse.Namespace) -> list[str]:
+def recipe_warnings(cfg: RunConfig) -> list[str]:
     """Settings that are valid here but make the run differ from the reference recipe it mirrors."""
     warnings = []
-    dist_with_tau = getattr(cfg, "kd_method", "dist") == "dist" and cfg.kd_temperature != 1
-    if cfg.teacher_model is not None and dist_with_tau:
-        warnings.append(f"--kd-temperature {cfg.kd_temperature}: the reference segmentation recipe (DIST_KD "
+    tau = cfg.distill.kd_temperature
+    if cfg.model.distilled and cfg.distill.kd_method == "dist" and tau != 1:
+        warnings.append(f"--kd-temperature {tau}: the reference segmentation recipe (DIST_KD "
                         "train_kd.py) parses this flag but never uses it (its DIST has no temperature), so "
                         "a reference run with it trains with tau = 1; here the logits are divided by "
-                        f"{cfg.kd_temperature}")
+                        f"{tau}")
     return warnings
 
 
-def _normal(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved configuration as one flat dict of plain JSON values: every part's fields (their
+    names are the flags'), what ``config.json`` and every checkpoint store."""
+    flat: dict[str, Any] = {}
+    for part in dataclasses.fields(cfg):
+        flat.update(dataclasses.asdict(getattr(cfg, part.name)))
+    return json.loads(json.dumps(flat, sort_keys=True, default=str))
 
 
-def config_dict(cfg: argparse.Namespace) -> dict[str, Any]:
-    """The resolved configuration as plain JSON values (also what checkpoints store)."""
-    return json.loads(json.dumps(vars(cfg), sort_keys=True, default=str))
-
-
-def save_config(cfg: argparse.Namespace, directory: str) -> str:
+def save_config(cfg: RunConfig, directory: str) -> str:
     """Write ``config.json`` (atomically) into ``directory``; return its path. A failure (disk full,
     permissions) is a `ConfigError` and leaves no temporary file."""
     path = os.path.join(directory, "config.json")

@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fastdist.engine.config import RunConfig
 
 __all__ = ["Dashboards", "add_dashboard_args", "check_dashboards", "dashboard_scalars", "open_dashboards"]
 
@@ -104,11 +107,14 @@ class Dashboards:
             self._wandb_run = None
 
 
-def open_dashboards(cfg: argparse.Namespace, is_main: bool) -> Dashboards | None:
-    """The run's dashboards on the main rank when ``--tensorboard`` / ``--wandb`` ask for any."""
-    if not is_main or not (cfg.tensorboard or cfg.wandb is not None):
+def open_dashboards(cfg: RunConfig, is_main: bool) -> Dashboards | None:
+    """The run's dashboards on the main rank when ``--tensorboard`` / ``--wandb`` ask for any (the run's
+    `config_dict` goes to wandb's config)."""
+    paths = cfg.paths
+    if not is_main or not (paths.tensorboard or paths.wandb is not None):
         return None
-    from fastdist.data.cityscapes import CLASS_NAMES
+    from fastdist.data import get_dataset
     from fastdist.engine.config import config_dict
 
-    return Dashboards(cfg.log_dir, cfg.tensorboard, cfg.wandb, config_dict(cfg), CLASS_NAMES)
+    class_names = get_dataset(cfg.data.dataset).class_names
+    return Dashboards(paths.log_dir, paths.tensorboard, paths.wandb, config_dict(cfg), class_names)

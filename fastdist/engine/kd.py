@@ -19,21 +19,24 @@ or a checkpoint that does not fit fails before the process group, CUDA and the d
 
 from __future__ import annotations
 
-import argparse
 import inspect
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdist.data import get_dataset
-from fastdist.data.cityscapes import IGNORE_INDEX
+from fastdist.data.cityscapes import IGNORE_INDEX, NUM_CLASSES
+from fastdist.engine.runtime import to_device
 from fastdist.loss import CWDLoss, DISTLoss, KDLoss
 from fastdist.models import CheckpointError, build_model, load_checkpoint, load_pretrained_backbone
 
-__all__ = ["AUX_WEIGHT", "DistillationLoss", "ModelLoadError", "build_student", "build_teacher",
-           "drop_unused_teacher_heads", "kd_keep_mask", "prepare_student", "prepare_teacher"]
+if TYPE_CHECKING:
+    from fastdist.engine.config import DistillConfig, ModelConfig
+
+__all__ = ["AUX_WEIGHT", "DistillationLoss", "ModelLoadError", "build_criterion", "build_student",
+           "build_teacher", "drop_unused_teacher_heads", "kd_keep_mask", "prepare_student", "prepare_teacher"]
 
 AUX_WEIGHT = 0.4
 # torch >= 2.13 renamed DDP's per-forward buffer sync flag (the old name warns).
@@ -56,12 +59,12 @@ def _load(what: str, flag: str, path: str, loader: Callable[[], object], model: 
         ) from None
 
 
-def _build_role(cfg: argparse.Namespace, role: str) -> nn.Module:
-    """``role`` ("student" or "teacher") on the CPU with ``--<role>-pretrained-base`` and then
-    ``--<role>-pretrained`` loaded (each only when given)."""
-    name, backbone = getattr(cfg, f"{role}_model"), getattr(cfg, f"{role}_backbone")
-    model = build_model(name, backbone, get_dataset(cfg.dataset).num_classes)
-    base, full = getattr(cfg, f"{role}_pretrained_base"), getattr(cfg, f"{role}_pretrained")
+def _build_role(models: ModelConfig, role: str, num_classes: int) -> nn.Module:
+    """``role`` ("student" or "teacher") with ``num_classes`` outputs on the CPU with
+    ``--<role>-pretrained-base`` and then ``--<role>-pretrained`` loaded (each only when given)."""
+    name, backbone = getattr(models, f"{role}_model"), getattr(models, f"{role}_backbone")
+    model = build_model(name, backbone, num_classes)
+    base, full = getattr(models, f"{role}_pretrained_base"), getattr(models, f"{role}_pretrained")
     if base:
         _load(role, f"--{role}-pretrained-base", base, lambda: load_pretrained_backbone(model, base),
               name, backbone)
@@ -70,16 +73,16 @@ def _build_role(cfg: argparse.Namespace, role: str) -> nn.Module:
     return model
 
 
-def build_student(cfg: argparse.Namespace) -> nn.Module:
+def build_student(models: ModelConfig, num_classes: int = NUM_CLASSES) -> nn.Module:
     """The student on the CPU with its initial weights (``--student-pretrained[-base]``)."""
-    return _build_role(cfg, "student")
+    return _build_role(models, "student", num_classes)
 
 
-def build_teacher(cfg: argparse.Namespace) -> nn.Module | None:
+def build_teacher(models: ModelConfig, num_classes: int = NUM_CLASSES) -> nn.Module | None:
     """The frozen teacher on the CPU (None with ``--teacher-model none``)."""
-    if cfg.teacher_model is None:
+    if not models.distilled:
         return None
-    model = _build_role(cfg, "teacher")
+    model = _build_role(models, "teacher", num_classes)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -94,12 +97,6 @@ def drop_unused_teacher_heads(teacher: nn.Module | None, student: nn.Module) -> 
         teacher.auxlayer = None
 
 
-def _to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
-    if channels_last:
-        return model.to(device=device, memory_format=torch.channels_last)
-    return model.to(device=device)
-
-
 def prepare_student(model: nn.Module, device: torch.device, world_size: int, channels_last: bool,
                     compile_model: bool) -> nn.Module:
     """The training form of the student: SyncBatchNorm on multi-GPU, device, compile, then DDP.
@@ -111,7 +108,7 @@ def prepare_student(model: nn.Module, device: torch.device, world_size: int, cha
     sync_bn = world_size > 1 and device.type == "cuda"
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = _to_device(model, device, channels_last)
+    model = to_device(model, device, channels_last)
     model.train()
     net: nn.Module = torch.compile(model) if compile_model else model
     if world_size > 1:
@@ -129,7 +126,7 @@ def prepare_teacher(model: nn.Module | None, device: torch.device, channels_last
     """The frozen teacher on the device (eval mode, no grad), compiled on request."""
     if model is None:
         return None
-    model = _to_device(model, device, channels_last).eval()
+    model = to_device(model, device, channels_last).eval()
     return torch.compile(model) if compile_model else model
 
 
@@ -223,3 +220,9 @@ class DistillationLoss(nn.Module):
         if teacher_out is None:
             return task, torch.zeros((), device=task.device, dtype=torch.float32)
         return task, self.kd_loss(out, teacher_out, labels, images)
+
+
+def build_criterion(distill: DistillConfig) -> DistillationLoss:
+    """The task + distillation loss of the ``--kd-*`` flags."""
+    return DistillationLoss(distill.lambda_kd, distill.kd_temperature, distill.kd_beta, distill.kd_gamma,
+                            distill.kd_backend, distill.kd_mask, distill.kd_intra_sync, distill.kd_method)

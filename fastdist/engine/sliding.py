@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdist.engine.evaluation import _upsample, main_logits
+from fastdist.engine.inference import main_logits, upsample_logits
 
 __all__ = ["SlidingWindow", "add_sliding_args", "check_sliding_args", "maybe_sliding", "window_starts"]
 
@@ -57,7 +57,7 @@ class SlidingWindow(nn.Module):
                 h, w = window.shape[-2:]
                 # [B, 3, ch, cw]: pad on the bottom/right when the image is smaller than the crop
                 window = F.pad(window, (0, cw - w, 0, ch - h))
-                logits = _upsample(main_logits(self.model(window)), (ch, cw))[..., :h, :w]
+                logits = upsample_logits(main_logits(self.model(window)), (ch, cw))[..., :h, :w]
                 if total is None:
                     total = x.new_zeros((x.shape[0], logits.shape[1], height, width), dtype=torch.float32)
                 total[..., y : y + h, x0 : x0 + w] += logits

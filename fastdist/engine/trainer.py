@@ -11,16 +11,20 @@ in one small all-gather that also carries each rank's preemption flag and whethe
 (BatchNorm running statistics) and optimizer state are all finite (computed on the device at the sync
 point, `fastdist.engine.finite`), so all ranks take the same decision at the same iteration.
 
-Per iteration ``it`` (1-based, ``it`` steps done): sync point? -> stop on a non-finite loss or state
-(nothing is saved, validated or exported: every checkpoint on disk holds finite state) -> log -> save
-latest (at save and validation points; it records what the iteration still owes: validation, the
-final export) -> validate (on a new best mIoU: best) -> exports -> latest again, owing nothing -> stop
-on a signal or ``--stop-at``. A run resumed from a checkpoint that owes work does it first.
+The loop's timetable is `fastdist.engine.schedule.plan` (check, log, save, validate, export, stop per
+iteration). After a sync point: stop on a non-finite loss or state (nothing is saved, validated or
+exported: every checkpoint on disk holds finite state) -> log -> save latest (recording what the
+iteration still owes: validation, the final export) -> validate (on a new best mIoU: best) -> exports ->
+latest again, owing nothing -> stop on a signal or at the run's last iteration. A run resumed from a
+checkpoint that owes work does it first.
+
+`Trainer.state_dict` / `load_state_dict` hold everything ``--resume`` restores (iteration, best mIoU
+and its iteration, per-rank RNG states, student weights, optimizer, GradScaler, owed work);
+`fastdist.engine.checkpoint` only writes and reads that dict.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import os
@@ -36,26 +40,35 @@ from torch import Tensor, nn
 
 from fastdist.data import get_dataset
 from fastdist.engine import checkpoint as ckpt
-from fastdist.engine.config import NON_FINITE_HINT, config_dict, validation_precision
+from fastdist.engine.config import NON_FINITE_HINT, OptimConfig, RunConfig, config_dict, validation_precision
 from fastdist.engine.distributed import DistEnv
 from fastdist.engine.evaluation import evaluate
 from fastdist.engine.finite import state_is_finite
+from fastdist.engine.flops import log_model_cost
+from fastdist.engine.kd import (
+    ModelLoadError,
+    build_criterion,
+    drop_unused_teacher_heads,
+    prepare_student,
+    prepare_teacher,
+)
 from fastdist.engine.logger import RunLogger, format_duration
 from fastdist.engine.metrics import format_iou_table
-from fastdist.engine.schedule import poly_lr, set_lr
+from fastdist.engine.runtime import autocast
+from fastdist.engine.schedule import StepActions, plan, poly_lr, set_lr
 from fastdist.engine.signals import PreemptionHandler
 from fastdist.engine.sliding import maybe_sliding
+from fastdist.models import CheckpointError, load_checkpoint, to_reference_state_dict
 
-__all__ = ["AMP_DTYPES", "SyncResult", "Trainer", "build_optimizer", "build_scaler", "configure_backends",
+__all__ = ["SyncResult", "Trainer", "build_optimizer", "build_scaler", "configure_backends",
            "seed_everything"]
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 _APEX_HINT = ("--optimizer apex needs NVIDIA apex with its CUDA extensions (see "
               "https://github.com/NVIDIA/apex#installation); --optimizer sgd uses torch's fused SGD, "
               "the same update rule")
 
 
-def build_optimizer(cfg: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD with momentum over all student parameters (reference: one group, weight decay on all)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "apex":
@@ -158,45 +171,82 @@ class _Window:
 
 
 class Trainer:
-    """Owns the models, optimizer, loaders and run state; `fit` runs to the end (or a clean stop)."""
+    """Trains ``student`` (distilled from ``teacher`` unless it is None) under ``cfg``.
 
-    def __init__(self, cfg: argparse.Namespace, env: DistEnv, student: nn.Module, student_module: nn.Module,
-                 teacher: nn.Module | None, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler | None, train_loader: Any, val_loader: Any | None,
-                 logger: RunLogger, start_iteration: int = 0, best_miou: float | None = None,
-                 best_iteration: int | None = None, rng_states: list[dict[str, Any]] | None = None,
-                 owed: list[str] | None = None) -> None:
-        self.cfg, self.env, self.log = cfg, env, logger
-        self.student, self.student_module, self.teacher = student, student_module, teacher
-        self.criterion, self.optimizer, self.scaler = criterion, optimizer, scaler
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.iteration = start_iteration
-        self.best_miou, self.best_iteration = best_miou, best_iteration
-        self._rng_states = rng_states
-        self._owed = tuple(owed or ())  # what the resumed checkpoint's iteration still has to do
-        self.amp_dtype = AMP_DTYPES[cfg.amp]
+    The constructor builds the training form of the models (``student_net``: SyncBatchNorm, device,
+    compile, DDP; ``teacher_net``), the loss, the optimizer and the GradScaler from ``cfg``'s parts.
+    ``student`` stays the plain module (the same parameters): evaluation, checkpoints and exports use
+    it. `load_state_dict` resumes; `fit` trains from `iteration` to the run's end (or a clean stop).
+    """
+
+    def __init__(self, cfg: RunConfig, env: DistEnv, student: nn.Module, teacher: nn.Module | None,
+                 log: RunLogger) -> None:
+        self.cfg, self.env, self.log = cfg, env, log
+        runtime = cfg.runtime
+        drop_unused_teacher_heads(teacher, student)
+        if env.is_main:
+            log_model_cost(log, {"student": student, "teacher": teacher}, cfg.data.crop_size)
+        self.student = student
+        self.student_net = prepare_student(student, env.device, env.world_size, runtime.channels_last,
+                                           runtime.compile)
+        self.teacher_net = prepare_teacher(teacher, env.device, runtime.channels_last, runtime.compile)
+        self.criterion = build_criterion(cfg.distill)
+        self.optimizer = build_optimizer(cfg.optim, student)
+        self.scaler = build_scaler(runtime.amp, env.device)
+        # the resumable state (state_dict / load_state_dict)
+        self.iteration = 0
+        self.best_miou: float | None = None
+        self.best_iteration: int | None = None
+        self.owed: tuple[str, ...] = ()  # what `iteration` still has to do (see `checkpoint`)
+        self._rng_states: list[dict[str, Any]] | None = None  # restored once the loader has started
+        # per-run machinery
+        self.val_loader: Any | None = None
         self.meter = _Meter(env.device)
         self.preemption = PreemptionHandler()
-        self.end = min(cfg.max_iterations, cfg.stop_at or cfg.max_iterations)
+        self._config = config_dict(cfg)
         self._saved_at: int | None = None
-        self._window = _Window(time.perf_counter(), start_iteration)
+        self._window = _Window(time.perf_counter(), 0)
+
+    # ---------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (collective: every rank calls it, for the RNG states)."""
+        return {
+            "iteration": self.iteration,
+            "student": to_reference_state_dict(self.student),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": ckpt.gather_rng_states(self.env.device),
+            "best_miou": self.best_miou,
+            "best_iteration": self.best_iteration,
+            "owed": list(self.owed),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (a `state_dict`, e.g. read by `checkpoint.load_training_state`); the
+        RNG states are restored by `fit`, after the loader has started."""
+        try:
+            load_checkpoint(self.student, state["student"])
+        except CheckpointError as err:
+            raise ModelLoadError(f"--resume {self.cfg.paths.resume}: {err}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration = state["iteration"]
+        self.best_miou, self.best_iteration = state.get("best_miou"), state.get("best_iteration")
+        self.owed = tuple(state.get("owed") or ())
+        self._rng_states = state.get("rng")
 
     # ----------------------------------------------------------------------------------------- step
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
-
     def train_step(self, images: Tensor, labels: Tensor, iteration: int) -> None:
         """One optimisation step (``iteration`` is 1-based); no host synchronisation."""
-        set_lr(self.optimizer, poly_lr(self.cfg.lr, iteration - 1, self.cfg.max_iterations))
+        set_lr(self.optimizer, poly_lr(self.cfg.optim.lr, iteration - 1, self.cfg.schedule.max_iterations))
         self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
+        with autocast(self.env.device.type, self.cfg.runtime.amp):
             teacher_out = None
-            if self.teacher is not None:
+            if self.teacher_net is not None:
                 with torch.no_grad():
-                    teacher_out = self.teacher(images)
-            out = self.student(images)
+                    teacher_out = self.teacher_net(images)
+            out = self.student_net(images)
             task, kd = self.criterion(out, teacher_out, labels, images)
             loss = task + kd
         if self.scaler is not None:
@@ -209,38 +259,35 @@ class Trainer:
         self.meter.update(task.detach(), kd.detach(), iteration)
 
     # ----------------------------------------------------------------------------------------- loop
-    def _is_sync_point(self, it: int) -> bool:
-        c = self.cfg
-        return (it % c.check_every == 0 or it % c.log_iter == 0 or it % c.save_per_iters == 0
-                or self._is_val_point(it) or it == self.end)
+    def fit(self, train_loader: Any, val_loader: Any | None = None) -> int:
+        """Train from `iteration` to the run's end; returns the process exit code (0 or 1).
 
-    def _is_val_point(self, it: int) -> bool:
-        return not self.cfg.skip_val and (it % self.cfg.val_per_iters == 0 or it == self.cfg.max_iterations)
-
-    def fit(self) -> int:
-        """Train from the current iteration to the end; returns the process exit code (0 or 1)."""
-        cfg, start = self.cfg, self.iteration
-        self.log.info(f"training iterations {start + 1}..{self.end} of {cfg.max_iterations} on "
-                      f"{self.env.world_size} rank(s), {cfg.batch_per_rank} images per rank")
+        ``train_loader`` yields the batches from `iteration` on (``start_iteration``), ``val_loader``
+        the validation split (None with ``--skip-val``).
+        """
+        cfg, start, end = self.cfg, self.iteration, self.cfg.schedule.end
+        self.val_loader = val_loader
+        self.log.info(f"training iterations {start + 1}..{end} of {cfg.schedule.max_iterations} on "
+                      f"{self.env.world_size} rank(s), {cfg.optim.batch_per_rank} images per rank")
         # Starting the loader (a torch DataLoader draws its base seed from the global generator on
         # the first batch) and validation run inside fork_rng: they never move the training RNG
         # streams, so a resumed run draws exactly what the uninterrupted run drew.
         with self._fork_rng():
-            batches = iter(self.train_loader)
+            batches = iter(train_loader)
             first = next(batches, None)
         if first is not None:
             batches = itertools.chain([first], batches)
         if self._rng_states is not None:
             self._restore_rng(self._rng_states)
         self._window = _Window(time.perf_counter(), start)
-        if self._owed:
-            self.log.info(f"iteration {start} still owes {' and '.join(self._owed)}: doing it first")
-            self._settle(start, self._owed)
-            if start == self.end:
-                self._finish(start)
+        if self.owed:
+            self.log.info(f"iteration {start} still owes {' and '.join(self.owed)}: doing it first")
+            self._settle()
+            if start == end:
+                self._finish()
                 return 0
         with self.preemption:
-            for it in range(start + 1, self.end + 1):
+            for it in range(start + 1, end + 1):
                 t0 = time.perf_counter()
                 try:
                     images, labels = next(batches)
@@ -250,58 +297,59 @@ class Trainer:
                 self.train_step(images, labels, it)
                 self.iteration = it
                 self.log.progress(it)
-                if self._is_sync_point(it):
-                    code = self._after_sync_point(it)
+                actions = plan(it, cfg.schedule)
+                if actions.check:
+                    code = self._act(actions)
                     if code is not None:
                         return code
         return 0
 
-    def _after_sync_point(self, it: int) -> int | None:
-        """Log / validate / save at a sync point; an exit code when the run must stop here."""
-        cfg = self.cfg
+    def _act(self, actions: StepActions) -> int | None:
+        """Carry out ``actions`` at a sync point; an exit code when the run stops here."""
+        it, paths = self.iteration, self.cfg.paths
         result = self.meter.sync(self.preemption.requested, self.env.world_size,
-                                 state_is_finite(self.student_module, self.optimizer))
+                                 state_is_finite(self.student, self.optimizer))
         if result.bad_iteration is not None or result.bad_state:
-            self._report_non_finite(it, result)
+            self._report_non_finite(result)
             return 1
-        if it % cfg.log_iter == 0 or it == self.end:
-            self._log_train(it, result)
-        stopping = result.stop_requested or it == self.end
-        owed = (("validate",) if self._is_val_point(it) else ()) + (("export",) if it == cfg.max_iterations
-                                                                      else ())
-        if it % cfg.save_per_iters == 0 or stopping or owed:
+        if actions.log:
+            self._log_train(result)
+        if actions.save or result.stop_requested:
             self._broadcast_buffers()
             # before validating: an error there (say, an unreadable val image) loses no training, and
             # the owed work in the file makes --resume do it
-            self.save(it, (ckpt.LATEST,), owed)
-        if owed:
-            self._settle(it, owed)
-        if result.stop_requested and it < self.end:
-            self.log.info(f"stop requested by a signal: checkpoint at iteration {it} in {cfg.save_dir}; "
-                          f"continue with --resume {os.path.join(cfg.save_dir, ckpt.LATEST)}")
+            self.owed = actions.owed
+            self.save((ckpt.LATEST,))
+        if self.owed:
+            self._settle()
+        latest = os.path.join(paths.save_dir, ckpt.LATEST)
+        if result.stop_requested and not actions.stop:
+            self.log.info(f"stop requested by a signal: checkpoint at iteration {it} in {paths.save_dir}; "
+                          f"continue with --resume {latest}")
             self.log.record("event", event="preempted", iteration=it)
-        elif it == self.end and it < cfg.max_iterations:
-            self.log.info(f"--stop-at {it} reached; continue with --resume "
-                          f"{os.path.join(cfg.save_dir, ckpt.LATEST)}")
-        if stopping:
-            self._finish(it)
+        elif actions.stop and it < self.cfg.schedule.max_iterations:
+            self.log.info(f"--stop-at {it} reached; continue with --resume {latest}")
+        if actions.stop or result.stop_requested:
+            self._finish()
             return 0
         return None
 
     # ------------------------------------------------------------------------------------- logging
-    def _log_train(self, it: int, result: SyncResult) -> None:
+    def _log_train(self, result: SyncResult) -> None:
+        it, cfg = self.iteration, self.cfg
         window, now = self._window, time.perf_counter()
         steps = max(it - window.iteration, 1)
         elapsed = now - window.start - window.paused
         wait = window.wait
         step_s = elapsed / steps
-        ips = self.cfg.batch_size * steps / max(elapsed, 1e-9)
-        eta = step_s * (self.cfg.max_iterations - it)
-        lr = poly_lr(self.cfg.lr, it - 1, self.cfg.max_iterations)
+        ips = cfg.optim.batch_size * steps / max(elapsed, 1e-9)
+        max_it = cfg.schedule.max_iterations
+        eta = step_s * (max_it - it)
+        lr = poly_lr(cfg.optim.lr, it - 1, max_it)
         mem = (torch.cuda.max_memory_allocated(self.env.device) / 2**30
                if self.env.device.type == "cuda" else None)
         mem_text = f" | mem {mem:.2f} GiB" if mem is not None else ""
-        self.log.info(f"it {it}/{self.cfg.max_iterations} | lr {lr:.6f} | task {result.task_loss:.4f} | "
+        self.log.info(f"it {it}/{max_it} | lr {lr:.6f} | task {result.task_loss:.4f} | "
                       f"kd {result.kd_loss:.4f} | {ips:.1f} img/s | data {1000 * wait / steps:.1f} ms | "
                       f"step {1000 * step_s:.1f} ms{mem_text} | eta {format_duration(eta)}")
         self.log.record("train", iteration=it, lr=lr, task_loss=result.task_loss, kd_loss=result.kd_loss,
@@ -317,7 +365,7 @@ class Trainer:
         syncs buffers only at the start of a forward, so after a step they differ until the next one.
         """
         if self.env.world_size > 1:
-            for buf in self.student_module.buffers():
+            for buf in self.student.buffers():
                 dist.broadcast(buf, src=0)
 
     # ---------------------------------------------------------------------------------- validation
@@ -325,17 +373,17 @@ class Trainer:
         devices = [self.env.device] if self.env.device.type == "cuda" else []
         return torch.random.fork_rng(devices=devices)
 
-    def _validate(self, it: int) -> bool:
+    def _validate(self) -> bool:
         """Evaluate on the whole val split (all ranks); True when the mIoU is a new best."""
         assert self.val_loader is not None
+        it, val = self.iteration, self.cfg.validation
         t0 = time.perf_counter()
         precision = validation_precision(self.cfg)  # fp32 unless --val-amp: best.pth on the reference metric
         with self._fork_rng():
-            cfg = self.cfg
-            net = maybe_sliding(self.student_module, cfg.eval_mode, cfg.crop_size, cfg.eval_stride)
-            spec = get_dataset(cfg.dataset)
+            net = maybe_sliding(self.student, val.eval_mode, self.cfg.data.crop_size, val.eval_stride)
+            spec = get_dataset(self.cfg.data.dataset)
             res = evaluate(net, self.val_loader, spec.num_classes, self.env.device,
-                           amp_dtype=AMP_DTYPES.get(precision), source=f"the student at iteration {it}")
+                           amp=precision, source=f"the student at iteration {it}")
         miou, acc = res["mIoU"], res["pixAcc"]
         is_best = self.best_miou is None or miou > self.best_miou
         if is_best:
@@ -351,20 +399,17 @@ class Trainer:
         return is_best
 
     # --------------------------------------------------------------------------------- checkpoints
-    def save(self, it: int, names: tuple[str, ...] = (ckpt.LATEST,), owed: tuple[str, ...] = ()) -> None:
-        """Write the training state under ``names`` in the save dir (collective: all ranks call it);
-        ``owed``: what iteration ``it`` still has to do (see `checkpoint`)."""
+    def save(self, names: tuple[str, ...] = (ckpt.LATEST,)) -> None:
+        """Write `state_dict` under ``names`` in the save dir (collective: all ranks call it)."""
         t0 = time.perf_counter()
-        rng = ckpt.gather_rng_states(self.env.device)
+        state = self.state_dict()
         if self.env.is_main:
-            state = ckpt.training_state(self.student_module, self.optimizer, self.scaler, it, rng,
-                                        self.best_miou, self.best_iteration, config_dict(self.cfg), owed)
-            first = os.path.join(self.cfg.save_dir, names[0])
-            ckpt.atomic_save(state, first)
+            first = os.path.join(self.cfg.paths.save_dir, names[0])
+            ckpt.save_training_state(state, self._config, first)
             for name in names[1:]:
-                ckpt.atomic_copy(first, os.path.join(self.cfg.save_dir, name))
+                ckpt.atomic_copy(first, os.path.join(self.cfg.paths.save_dir, name))
         if ckpt.LATEST in names:
-            self._saved_at = it
+            self._saved_at = self.iteration
         self._window.paused += time.perf_counter() - t0
 
     def _restore_rng(self, states: list[dict[str, Any]]) -> None:
@@ -377,32 +422,35 @@ class Trainer:
     def _export(self, best: bool) -> None:
         """Rank 0 writes the plain student weights under the reference file name."""
         if self.env.is_main:
-            name = ckpt.reference_export_name(self.cfg.student_model, self.cfg.student_backbone,
-                                              self.teacher is not None, best=best, dataset=self.cfg.dataset)
-            ckpt.export_reference(self.student_module, os.path.join(self.cfg.save_dir, name))
+            models = self.cfg.model
+            name = ckpt.reference_export_name(models.student_model, models.student_backbone, models.distilled,
+                                              best=best, dataset=self.cfg.data.dataset)
+            ckpt.export_reference(self.student, os.path.join(self.cfg.paths.save_dir, name))
 
-    def _settle(self, it: int, owed: tuple[str, ...]) -> None:
-        """Do what iteration ``it`` owes (validation, best, exports), then save latest owing nothing."""
+    def _settle(self) -> None:
+        """Do what the iteration owes (validation, best, exports), then save latest owing nothing."""
         names: tuple[str, ...] = (ckpt.LATEST,)
-        if "validate" in owed and self.val_loader is not None and self._validate(it):
+        if "validate" in self.owed and self.val_loader is not None and self._validate():
             # latest.pth carries the best mIoU too, so that a resumed run compares against it
             names = (ckpt.BEST, ckpt.LATEST)
             self._export(best=True)
-        if "export" in owed:
+        if "export" in self.owed:
             self._export(best=False)
-        self.save(it, names)
+        self.owed = ()
+        self.save(names)
 
-    def _report_non_finite(self, it: int, result: SyncResult) -> None:
+    def _report_non_finite(self, result: SyncResult) -> None:
         """Log why the run stops and which checkpoint is still good (every saved one is finite)."""
+        it, paths = self.iteration, self.cfg.paths
         if result.bad_iteration is not None:
             what = (f"non-finite loss at iteration {result.bad_iteration} (task {result.task_loss:.4g}, "
                     f"kd {result.kd_loss:.4g})")
         else:
             what = f"non-finite weights, BatchNorm statistics or optimizer state at iteration {it}"
         if self._saved_at is not None:
-            where = f"{ckpt.LATEST} at iteration {self._saved_at} in {self.cfg.save_dir}"
-        elif self.cfg.resume:
-            where = f"{self.cfg.resume} (this run resumed from it)"
+            where = f"{ckpt.LATEST} at iteration {self._saved_at} in {paths.save_dir}"
+        elif paths.resume:
+            where = f"{paths.resume} (this run resumed from it)"
         else:
             where = "none written yet"
         self.log.info(f"ERROR: {what}; stopping without saving, validating or exporting. "
@@ -411,10 +459,10 @@ class Trainer:
         self.log.record("event", event="non_finite_loss" if loss else "non_finite_state",
                         iteration=result.bad_iteration if loss else it)
 
-    def _finish(self, it: int) -> None:
+    def _finish(self) -> None:
+        it = self.iteration
         best = "n/a" if self.best_miou is None else f"{100 * self.best_miou:.2f} (it {self.best_iteration})"
         self.log.info(f"done at iteration {it}: best mIoU ({validation_precision(self.cfg)}) {best}; "
-                      f"checkpoints in {self.cfg.save_dir}")
-        self.log.record("event", event="finished" if it == self.cfg.max_iterations else "stopped",
+                      f"checkpoints in {self.cfg.paths.save_dir}")
+        self.log.record("event", event="finished" if it == self.cfg.schedule.max_iterations else "stopped",
                         iteration=it, best_mIoU=self.best_miou, best_iteration=self.best_iteration)
-

@@ -1,13 +1,10 @@
 """Public front-end: :class:`DISTLoss` and :func:`dist_loss` (validation and backend dispatch).
 
 DIST ("Knowledge Distillation from A Stronger Teacher", NeurIPS 2022) on logits viewed as N rows x C
-classes (for (B, C, H, W) input the rows are the B*H*W pixels)::
-
-    p = softmax(S / tau),  q = softmax(T / tau)                          (over classes)
-    pearson(u, v) = <u - mean u, v - mean v> / (||u - mean u|| * ||v - mean v|| + 1e-8)
-    inter = 1 - mean_i pearson(p_i, q_i)          (rows)
-    intra = 1 - mean_j pearson(p[:, j], q[:, j])  (columns)
-    loss  = tau^2 * (beta * inter + gamma * intra)
+classes (for (B, C, H, W) input the rows are the B*H*W pixels): ``loss = tau^2 * (beta * inter +
+gamma * intra)``, one minus the mean Pearson correlation of the softmax probabilities over the rows
+(inter) and over the class columns (intra); the formula every backend computes is written once, in
+``docs/design.md`` ("The DIST loss").
 
 Backends: ``"reference"`` (the formula with eager autograd), ``"torch"`` and ``"triton"`` (fused:
 forward statistics + closed-form backward, saving only the inputs and O(C) coefficients; see
@@ -27,21 +24,29 @@ from .reference import dist_loss_reference
 BACKENDS = ("auto", "triton", "torch", "reference")
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_MAX_C = 2048  # kernels.dist_loss.MAX_C (not imported here: that would import triton)
+
+
+class HyperparameterTypeError(ValueError, TypeError):
+    """A loss hyper-parameter that is not a real number (a str, None, bool, tensor...).
+
+    A ValueError, as every other bad hyper-parameter value is, and a TypeError, as Python raises for a
+    wrong argument type: ``except ValueError`` and ``except TypeError`` both catch it."""
 
 
 def check_hyperparams(backend: str | None = None, **params: object) -> None:
     """Raise a clear error for a bad loss hyper-parameter (reusable by every loss front-end).
 
-    Every keyword is a float hyper-parameter: it must be a real number (not bool, str, None, a tensor),
-    finite, and ``tau``/``temperature`` must be > 0, ``beta``/``gamma`` and other weights >= 0.
-    ``backend``, when given, must be one of ``BACKENDS``.
+    Every keyword is a float hyper-parameter: it must be a real number (not bool, str, None, a tensor;
+    else :class:`HyperparameterTypeError`, a ValueError), finite, and ``tau``/``temperature`` must be
+    > 0, ``beta``/``gamma`` and other weights >= 0 (else ValueError). ``backend``, when given, must be
+    one of ``BACKENDS``.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     for name, value in params.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+            kind = type(value).__name__
+            raise HyperparameterTypeError(f"{name} must be a real number, got {kind} {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
         positive = name in ("tau", "temperature")
@@ -93,8 +98,16 @@ def _dense(x: Tensor) -> Tensor:
 def _resolve_backend(backend: str, student: Tensor, teacher: Tensor) -> str:
     if backend != "auto":
         return backend
-    fits = torch.float64 not in (student.dtype, teacher.dtype) and student.shape[1] <= _TRITON_MAX_C
-    return "triton" if student.device.type == "cuda" and _HAS_TRITON and fits else "torch"
+    on_gpu = student.device.type == "cuda" and _HAS_TRITON
+    return "triton" if on_gpu and _triton_fits(student, teacher) else "torch"
+
+
+def _triton_fits(student: Tensor, teacher: Tensor) -> bool:
+    """Whether the fused kernels take these logits (no float64, at most ``kernels.dist_loss.MAX_C``
+    classes). Imported here, not at module level: that would import triton on every machine."""
+    from kernels.dist_loss import MAX_C
+
+    return torch.float64 not in (student.dtype, teacher.dtype) and student.shape[1] <= MAX_C
 
 
 def dist_loss(

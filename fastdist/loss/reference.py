@@ -1,9 +1,8 @@
 """The published DIST loss, literally, with eager autograd (``backend="reference"``).
 
-As in the DIST_KD code: ``y_s = softmax(z_s / tau)``, ``y_t = softmax(z_t / tau)`` over classes,
-``pearson(u, v) = cos(u - mean(u), v - mean(v))`` with ``cos(a, b) = <a, b> / (||a|| ||b|| + 1e-8)``,
-``inter = 1 - mean_i pearson(y_s[i], y_t[i])`` over rows, ``intra`` the same over the columns
-(classes), ``loss = tau^2 * (beta * inter + gamma * intra)``. A 4-D (B, C, H, W) input is first turned
+The formula (``docs/design.md``, "The DIST loss") written as the DIST_KD code writes it: softmax over
+classes, a Pearson correlation as the cosine of the centred vectors with 1e-8 in the denominator, over
+the rows (inter) and over the class columns (intra). A 4-D (B, C, H, W) input is first turned
 into B*H*W rows by ``permute(0, 2, 3, 1).reshape(-1, C)`` (the DIST_KD segmentation code uses
 ``transpose(1, 3)``, i.e. (b, w, h) row order; the loss does not depend on the row order, and (b, h, w)
 matches the (B, H, W) mask). A mask keeps only its rows; with no kept row both correlations are taken
