@@ -85,7 +85,10 @@ def _log_header(log: RunLogger, cfg: RunConfig, env: DistEnv, notes: list[str]) 
              f"(validation {validation_precision(cfg)}), "
              f"channels_last {rt.channels_last}, compile {rt.compile}, loader {cfg.data.loader}, "
              f"kd backend {kd.kd_backend}, optimizer {cfg.optim.optimizer}\n"
-             f"  kd method {kd.kd_method}: lambda_kd {kd.lambda_kd}, temperature {kd.kd_temperature}")
+             f"  kd method {kd.kd_method}: lambda_kd {kd.lambda_kd}, temperature {kd.kd_temperature}\n"
+             f"  dataset {cfg.data.dataset}: crop {list(cfg.data.crop_size)}, batch {cfg.optim.batch_size}, "
+             f"iterations {cfg.schedule.max_iterations}, lr {cfg.optim.lr} (the dataset's recipe: "
+             f"{', '.join(cfg.data.dataset_defaults) or 'none'})")
     for line in notes:
         log.info(line)
     for warning in recipe_warnings(cfg):
