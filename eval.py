@@ -1,4 +1,4 @@
-"""Evaluate a segmentation checkpoint on Cityscapes val: mIoU, pixel accuracy, per-class IoU.
+"""Evaluate a segmentation checkpoint on a dataset's eval split: mIoU, pixel accuracy, per-class IoU.
 
     python eval.py --model deeplabv3 --backbone resnet101 --data data/cityscapes \
         --pretrained ckpts/deeplabv3_resnet101_citys_best_model.pth [--scales 0.75 1.0 1.25] [--flip-eval]
@@ -15,8 +15,7 @@ import os
 import sys
 import time
 
-from fastdist.data import DALI_HINT, dali_available
-from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES, DatasetError, check_dataset, list_pairs
+from fastdist.data import DALI_HINT, DatasetError, check_dataset, dali_available, get_dataset, list_pairs
 from fastdist.engine.config import ConfigError
 from fastdist.engine.distributed import DistributedSetupError, cleanup_distributed, exit_process
 from fastdist.engine.evaluation import evaluate, save_results_json
@@ -35,9 +34,11 @@ from fastdist.engine.sliding import add_sliding_args, check_sliding_args, maybe_
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (names follow the reference eval.py)."""
-    p = argparse.ArgumentParser(description="Evaluate a segmentation model on Cityscapes val.")
+    p = argparse.ArgumentParser(description="Evaluate a segmentation model on a dataset's eval split.")
     add_inference_args(p)
-    p.add_argument("--split", default="val", help="split to evaluate (default val)")
+    p.add_argument("--split", default=None,
+                   help="split to evaluate (default: the dataset's, as in CIRKD's eval.py: camvid test, "
+                        "else val)")
     p.add_argument("--loader", choices=("auto", "torch", "dali"), default="auto",
                    help="data backend (auto: dali on CUDA when DALI is installed, else torch)")
     p.add_argument("--workers", "-j", type=int, default=4, help="loader threads/workers")
@@ -49,18 +50,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _validate(args: argparse.Namespace) -> None:
     """Eval-only cheap checks of everything the user named, before any heavy start-up."""
+    spec = get_dataset(args.dataset)
+    args.split = spec.recipe.eval_split if args.split is None else args.split
     if args.batch_size < 1:
         raise InferenceSetupError("--batch-size must be >= 1")
+    if spec.varying_size and args.batch_size != 1:
+        raise InferenceSetupError(f"--batch-size {args.batch_size}: {spec.title} images vary in size, so "
+                                  "evaluation runs one whole image per batch and rank; use 1 (the default)")
     try:
         check_sliding_args(args.eval_mode, args.crop_size, args.stride)
     except ValueError as exc:
         raise InferenceSetupError(str(exc)) from None
     if args.loader == "dali" and not dali_available():
         raise InferenceSetupError(f"--loader dali: {DALI_HINT}")
-    check_dataset(args.data, args.split)
-    if any(pair.label is None for pair in list_pairs(args.data, args.split)):
-        raise InferenceSetupError(f"split {args.split!r} under {args.data} has no labels (no gtFine/"
-                                  f"{args.split}): there is nothing to score; predict.py writes predictions")
+    check_dataset(args.data, args.split, dataset=spec)
+    if any(pair.label is None for pair in list_pairs(args.data, args.split, dataset=spec)):
+        raise InferenceSetupError(f"split {args.split!r} under {args.data} has no labels (no "
+                                  f"{spec.splits[args.split].labels}): there is nothing to score; predict.py "
+                                  "writes predictions")
 
 
 def _input_size(args: argparse.Namespace, image_path: str) -> tuple[int, int]:
@@ -85,12 +92,13 @@ def run(args: argparse.Namespace) -> dict:
     loader = build_loader(args.data, args.split, args.batch_size, backend=backend, device=env.device,
                           rank=env.rank, world_size=env.world_size, num_threads=args.workers,
                           channels_last=runtime.channels_last, augment=False,  # whole images, also for train
-                          check_files=False)  # _validate ran check_dataset
+                          check_files=False, dataset=args.dataset)  # _validate ran check_dataset
     if env.is_main:
         print("model cost (FlopCounterMode):\n" + format_model_cost(cost))
     bar = terminal_progress(len(prep.shard)) if env.is_main else None
     start = time.perf_counter()
-    result = evaluate(model, loader, NUM_CLASSES, env.device, scales=tuple(args.scales),
+    classes = get_dataset(args.dataset).num_classes
+    result = evaluate(model, loader, classes, env.device, scales=tuple(args.scales),
                       flip=args.flip_eval, amp=runtime.amp, source=f"checkpoint {args.pretrained}",
                       progress=bar.update if bar else None)
     if bar:
@@ -105,14 +113,15 @@ def run(args: argparse.Namespace) -> dict:
 def _report(args: argparse.Namespace, prep: InferenceRun, result: dict, cost: dict, seconds: float) -> None:
     """Print the metrics table and write the JSON file (main rank only)."""
     world_size, amp = prep.env.world_size, prep.runtime.amp
-    print(format_iou_table(result["IoU"], CLASS_NAMES, miou=result["mIoU"]))
-    print(f"{args.model}/{args.backbone} on {args.split} ({result['images']} images, scales {args.scales}, "
-          f"flip {args.flip_eval}, amp {amp}, {world_size} rank(s), {seconds:.1f} s): "
+    class_names = get_dataset(args.dataset).class_names
+    print(format_iou_table(result["IoU"], class_names, miou=result["mIoU"]))
+    print(f"{args.model}/{args.backbone} on {args.dataset} {args.split} ({result['images']} images, "
+          f"scales {args.scales}, flip {args.flip_eval}, amp {amp}, {world_size} rank(s), {seconds:.1f} s): "
           f"mIoU {100 * result['mIoU']:.2f}  pixAcc {100 * result['pixAcc']:.2f}")
     if args.save_dir:
         path = os.path.join(args.save_dir, f"eval_{args.model}_{args.backbone}_{args.split}.json")
-        save_results_json(result, path, CLASS_NAMES, model=args.model, backbone=args.backbone,
-                          checkpoint=os.path.abspath(args.pretrained), split=args.split,
+        save_results_json(result, path, class_names, model=args.model, backbone=args.backbone,
+                          checkpoint=os.path.abspath(args.pretrained), dataset=args.dataset, split=args.split,
                           scales=list(args.scales), flip=args.flip_eval, amp=amp, world_size=world_size,
                           eval_mode=args.eval_mode, model_cost=cost, seconds=round(seconds, 3))
         print(f"results written to {path}")

@@ -1,4 +1,4 @@
-"""Write Cityscapes predictions for a split (default test), ready for the Cityscapes test server.
+"""Write predictions for a split (Cityscapes: default test, ready for the Cityscapes test server).
 
     python predict.py --model deeplabv3 --backbone resnet101 --data data/cityscapes \
         --pretrained ckpts/deeplabv3_resnet101_citys_best_model.pth --save-dir out/test_pred
@@ -11,7 +11,10 @@ Writes, for every ``leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png``:
   ``<city>_<seq>_<frame>*.png``, one per frame).
 * ``<save-dir>/color/<city>/<stem>_color.png``: a palette visualisation (skip with ``--no-color``).
 
-Labels are not needed (the test split has none).
+Labels are not needed (the test split has none).  Other datasets (``--dataset``, default split: test
+where the dataset has one, else its eval split) get ``<save-dir>/labels/<stem>.png`` in the dataset's
+own id space (ADE20K: 1..150, COCO-Stuff: its stuffthingmaps ids) and ``<save-dir>/color/<stem>.png``
+with its palette.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import argparse
 import sys
 import time
 
-from fastdist.data.cityscapes import DatasetError
+from fastdist.data import DatasetError, get_dataset
 from fastdist.engine.config import ConfigError
 from fastdist.engine.distributed import DistributedSetupError, barrier, cleanup_distributed, exit_process
 from fastdist.engine.finite import NonFiniteLogitsError
@@ -31,10 +34,11 @@ from fastdist.engine.prediction import predict_images
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (names follow eval.py)."""
-    p = argparse.ArgumentParser(description="Write Cityscapes labelId predictions for the test server.")
+    p = argparse.ArgumentParser(description="Write label-id and colour predictions of a dataset's split.")
     add_inference_args(p)
     p.add_argument("--save-dir", required=True, help="output folder (labelIds/ and color/ inside)")
-    p.add_argument("--split", default="test", help="split to predict (default test)")
+    p.add_argument("--split", default=None, help="split to predict (default test, or the dataset's eval "
+                                                  "split when it has no test split)")
     p.add_argument("--workers", "-j", type=int, default=4, help="threads decoding and writing PNGs")
     p.add_argument("--no-color", action="store_true", help="do not write colour visualisations")
     return p.parse_args(argv)
@@ -42,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, load, predict this rank's shard; returns the number of images this rank wrote."""
+    spec = get_dataset(args.dataset)
+    if args.split is None:
+        args.split = "test" if "test" in spec.splits else spec.recipe.eval_split
     prep = prepare_inference(args)
     env, runtime = prep.env, prep.runtime
     shard = [pair.image for pair in prep.shard]
@@ -51,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                              flip=args.flip_eval, amp=runtime.amp, color=not args.no_color,
                              channels_last=runtime.channels_last, workers=args.workers,
                              source=f"checkpoint {args.pretrained}",
-                             progress=bar.update if bar else None)
+                             progress=bar.update if bar else None, dataset=args.dataset)
     if bar:
         bar.clear()
     barrier()

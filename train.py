@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from fastdist.data import build_loader
+from fastdist.data import build_loader, get_dataset
 from fastdist.engine import checkpoint as ckpt
 from fastdist.engine.config import (
     ConfigError,
@@ -49,12 +49,13 @@ def build_loaders(cfg: RunConfig, env: DistEnv, start: int) -> tuple[Any, Any | 
     the validation loader (None with ``--skip-val``)."""
     data = cfg.data
     common = dict(backend=data.loader, device=env.device, rank=env.rank, world_size=env.world_size,
-                  num_threads=data.workers, channels_last=cfg.runtime.channels_last,
+                  num_threads=data.workers, channels_last=cfg.runtime.channels_last, dataset=data.dataset,
                   check_files=False)  # parse_config checked the pairs and headers
     train = build_loader(data.data, "train", cfg.optim.batch_per_rank, crop_size=data.crop_size,
                          seed=cfg.optim.seed, max_iterations=cfg.schedule.max_iterations,
                          start_iteration=start, **common)
-    val = None if cfg.schedule.skip_val else build_loader(data.data, "val", cfg.validation.val_batch_size,
+    val_split = get_dataset(data.dataset).recipe.val_split
+    val = None if cfg.schedule.skip_val else build_loader(data.data, val_split, cfg.validation.val_batch_size,
                                                           **common)
     return train, val
 
@@ -84,7 +85,10 @@ def _log_header(log: RunLogger, cfg: RunConfig, env: DistEnv, notes: list[str]) 
              f"(validation {validation_precision(cfg)}), "
              f"channels_last {rt.channels_last}, compile {rt.compile}, loader {cfg.data.loader}, "
              f"kd backend {kd.kd_backend}, optimizer {cfg.optim.optimizer}\n"
-             f"  kd method {kd.kd_method}: lambda_kd {kd.lambda_kd}, temperature {kd.kd_temperature}")
+             f"  kd method {kd.kd_method}: lambda_kd {kd.lambda_kd}, temperature {kd.kd_temperature}\n"
+             f"  dataset {cfg.data.dataset}: crop {list(cfg.data.crop_size)}, batch {cfg.optim.batch_size}, "
+             f"iterations {cfg.schedule.max_iterations}, lr {cfg.optim.lr} (the dataset's recipe: "
+             f"{', '.join(cfg.data.dataset_defaults) or 'none'})")
     for line in notes:
         log.info(line)
     for warning in recipe_warnings(cfg):
@@ -142,7 +146,8 @@ def _main(argv: Sequence[str] | None, held: contextlib.ExitStack) -> int:
         cfg = parse_config(argv)
         _lock_save_dir(cfg, held)
         seed_everything(cfg.optim.seed)  # identical initial weights on every rank
-        student, teacher = build_student(cfg.model), build_teacher(cfg.model)
+        classes = get_dataset(cfg.data.dataset).num_classes
+        student, teacher = build_student(cfg.model, classes), build_teacher(cfg.model, classes)
         state = ckpt.load_training_state(cfg.paths.resume) if cfg.paths.resume else None
     except SETUP_ERRORS as err:
         print(f"train.py: error: {err}", file=sys.stderr)

@@ -79,8 +79,8 @@ def test_config_json_keys_are_the_flags_and_the_derived_values(data: Path) -> No
     """config.json (and every checkpoint) keeps one flat key per flag plus the derived values, as
     written before the typed config, so older checkpoints resume; the parts share no field name."""
     cfg = parse_config(_base(data, "--batch-size", "4"))
-    derived = {"batch_per_rank", "command", "data_root", "device_type", "random_teacher", "resume_notes",
-               "teacher_sha256", "torch_version", "world_size"}
+    derived = {"batch_per_rank", "command", "data_root", "dataset_defaults", "device_type", "random_teacher",
+               "resume_notes", "teacher_sha256", "torch_version", "world_size"}
     assert set(config_dict(cfg)) == set(vars(build_parser().parse_args([]))) | derived
     fields = [f.name for part in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, part.name))]
     assert len(fields) == len(set(fields)) == len(config_dict(cfg))

@@ -3,9 +3,11 @@
 Sample order and all random draws come from the shared :class:`Schedule` (the same as the torch
 backend): an ``external_source`` feeds each batch's encoded image and label bytes *together* (so pairs
 can never misalign) with each sample's resize size, crop position and flip. The pipeline decodes
-(``mixed`` on a GPU -- for PNG that is DALI's CPU threads, then a copy to the GPU; DALI decodes only
-JPEG and JPEG 2000 on the GPU -- CPU threads otherwise) straight to BGR, maps labelIds to train ids with
-``lookup_table``, and for training resizes (linear without antialias / nearest), then crops with
+(``mixed`` on a GPU: JPEG with nvJPEG on the GPU, PNG on DALI's CPU threads, then a copy to the GPU;
+CPU threads otherwise) straight to BGR, maps the stored label ids to train ids with the dataset's
+``lookup_table`` (palette labels, Pascal VOC's ``SegmentationClass``, are decoded to their indices by
+the source with PIL: DALI's decoder would expand the palette to colours),
+and for training resizes (linear without antialias / nearest), then crops with
 bottom-right padding, flips and subtracts the mean in one ``crop_mirror_normalize`` (padding written as
 exactly 0, labels padded with 255). With a CUDA device it runs on ``device_id`` = that device with GPU
 operators and hands the output to torch via DLPack; without one the same graph runs in DALI's CPU-only
@@ -24,9 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastdist.data.cityscapes import IGNORE_INDEX, LABEL_ID_TO_TRAIN_ID, DatasetError, Pair, load_verified
+from fastdist.data.cityscapes import CITYSCAPES, IGNORE_INDEX
 from fastdist.data.loader import MEAN_BGR_F32, Loader, check_same_size, finish_batch
+from fastdist.data.pairs import load_verified, read_stored_ids
 from fastdist.data.sampler import CropPlan, SampleSpec, Schedule, nearest_sources, plan_crop
+from fastdist.data.spec import DatasetError, DatasetSpec, Pair
 
 _MEAN = [float(m) for m in MEAN_BGR_F32]  # the float32 values, as in the torch backend
 
@@ -106,8 +110,9 @@ def _train_args(plan: CropPlan, height: int, width: int, crop_size: tuple[int, i
 class _BatchSource:
     """Iterable external source: one batch of encoded files and per-sample draws per step."""
 
-    def __init__(self, pairs: Sequence[Pair], schedule: Schedule, crop_size: tuple[int, int]) -> None:
-        self.pairs, self.schedule, self.crop_size = pairs, schedule, crop_size
+    def __init__(self, pairs: Sequence[Pair], schedule: Schedule, crop_size: tuple[int, int],
+                 dataset: DatasetSpec) -> None:
+        self.pairs, self.schedule, self.crop_size, self.dataset = pairs, schedule, crop_size, dataset
         self.fed: deque[list[Pair]] = deque()  # batches handed to DALI and not yet returned
 
     def __iter__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
@@ -121,7 +126,7 @@ class _BatchSource:
         images = [_read_bytes(p.image) for p in pairs]
         columns: list[list[np.ndarray]] = [images]
         if pairs[0].label is not None:
-            columns.append([_read_bytes(p.label) for p in pairs])
+            columns.append([self._label(p.label) for p in pairs])
         if self.schedule.train:
             per_sample = []
             for spec, pair, data in zip(batch, pairs, images, strict=True):
@@ -130,6 +135,13 @@ class _BatchSource:
                 per_sample.append(_train_args(plan, height, width, self.crop_size))
             columns += [list(column) for column in zip(*per_sample, strict=True)]
         return tuple(columns)
+
+
+    def _label(self, path: str) -> np.ndarray:
+        """The encoded label file, or for palette labels (see the module docstring) its (H, W, 1) ids."""
+        if self.dataset.host_label_decode:
+            return read_stored_ids(path, self.dataset)[..., None]
+        return _read_bytes(path)
 
 
 def _graph(source: _BatchSource, train: bool, has_labels: bool, crop_size: tuple[int, int], gpu: bool):
@@ -143,8 +155,12 @@ def _graph(source: _BatchSource, train: bool, has_labels: bool, crop_size: tuple
     image = fn.decoders.image(inputs[0], device=decoder, output_type=types.BGR)
     label = None
     if has_labels:
-        label = fn.decoders.image(inputs[1], device=decoder, output_type=types.GRAY)
-        keys, values = zip(*sorted(LABEL_ID_TO_TRAIN_ID.items()), strict=True)
+        if source.dataset.host_label_decode:
+            label = fn.reshape(inputs[1], layout="HWC")  # ids decoded by the source
+            label = label.gpu() if gpu else label
+        else:
+            label = fn.decoders.image(inputs[1], device=decoder, output_type=types.GRAY)
+        keys, values = zip(*sorted(source.dataset.label_map.items()), strict=True)
         label = fn.lookup_table(
             label, keys=list(keys), values=list(values), default_value=IGNORE_INDEX, dtype=types.UINT8
         )
@@ -208,12 +224,13 @@ class DaliLoader(Loader):
         num_threads: int,
         channels_last: bool,
         dtype: torch.dtype,
+        dataset: DatasetSpec = CITYSCAPES,
     ) -> None:
         super().__init__(schedule)
         self.device, self.channels_last, self.dtype = device, channels_last, dtype
         self.num_threads = max(int(num_threads), 1)
         self.has_labels = all(p.label is not None for p in pairs)
-        self.pairs, self.crop_size = list(pairs), crop_size
+        self.pairs, self.crop_size, self.dataset = list(pairs), crop_size, dataset
         self._source: _BatchSource | None = None
 
     def _build(self):
@@ -233,7 +250,7 @@ class DaliLoader(Loader):
             prefetch_queue_depth=2,
             exec_dynamic=True,  # outputs own their buffers: safe zero-copy hand-over to torch
         )
-        self._source = _BatchSource(self.pairs, self.schedule, self.crop_size)
+        self._source = _BatchSource(self.pairs, self.schedule, self.crop_size, self.dataset)
         with pipe:
             pipe.set_outputs(*_graph(self._source, self.schedule.train, self.has_labels, self.crop_size, gpu))
         pipe.build()

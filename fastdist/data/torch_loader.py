@@ -1,6 +1,7 @@
 """The torch.utils.data backend: PIL decoding and augmentation in workers, normalisation on device.
 
-Workers decode (PIL), map labels to train ids, and for training resize with cv2's source-pixel
+Workers decode (PIL: PNG and JPEG; a palette label's indices are its ids), map labels to train ids
+(the dataset's table), and for training resize with cv2's source-pixel
 mapping for ``resize(fx=fy=scale)`` (step ``1 / scale``; bilinear with ``align_corners=False``
 semantics and no antialias, like INTER_LINEAR, within one grey level of cv2's fixed-point result;
 labels nearest, source pixel ``floor(dst * (1 / scale))`` exactly as INTER_NEAREST), pad
@@ -29,9 +30,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fastdist.data.cityscapes import IGNORE_INDEX, DatasetError, Pair, label_lut, load_verified
+from fastdist.data.cityscapes import CITYSCAPES, IGNORE_INDEX
 from fastdist.data.loader import MEAN_BGR_F32, Loader, check_same_size, finish_batch
+from fastdist.data.pairs import load_verified, read_stored_ids
 from fastdist.data.sampler import CropPlan, SampleSpec, Schedule, nearest_sources, plan_crop
+from fastdist.data.spec import DatasetError, DatasetSpec, Pair
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -48,9 +51,9 @@ def read_image_bgr(path: str) -> np.ndarray:
     return np.ascontiguousarray(_read(path, "RGB")[..., ::-1])
 
 
-def read_train_ids(path: str) -> np.ndarray:
-    """(H, W) uint8 train ids (255: ignore) of a labelIds file."""
-    return label_lut()[_read(path, "L")]
+def read_train_ids(path: str, dataset: DatasetSpec = CITYSCAPES) -> np.ndarray:
+    """(H, W) uint8 train ids (255: ignore) of a label file of ``dataset`` (default Cityscapes labelIds)."""
+    return dataset.label_lut()[read_stored_ids(path, dataset)]
 
 
 def _linear_taps(start: int, count: int, in_size: int, scale: float):
@@ -102,8 +105,9 @@ def _augment(
 class PairDataset(Dataset):
     """Map-style dataset indexed by :class:`SampleSpec`: returns uint8 image, uint8 label, valid box."""
 
-    def __init__(self, pairs: Sequence[Pair], crop_size: tuple[int, int]) -> None:
-        self.pairs, self.crop_size = list(pairs), crop_size
+    def __init__(self, pairs: Sequence[Pair], crop_size: tuple[int, int],
+                 dataset: DatasetSpec = CITYSCAPES) -> None:
+        self.pairs, self.crop_size, self.dataset = list(pairs), crop_size, dataset
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -111,7 +115,7 @@ class PairDataset(Dataset):
     def __getitem__(self, spec: SampleSpec) -> Sample:
         pair = self.pairs[spec.index]
         image = torch.from_numpy(read_image_bgr(pair.image))
-        label = None if pair.label is None else torch.from_numpy(read_train_ids(pair.label))
+        label = None if pair.label is None else torch.from_numpy(read_train_ids(pair.label, self.dataset))
         if label is not None and label.shape != image.shape[:2]:
             raise DatasetError(
                 f"{pair.label} is {tuple(label.shape)} but {pair.image} is {tuple(image.shape[:2])}"
@@ -192,13 +196,14 @@ class TorchLoader(Loader):
         num_workers: int,
         channels_last: bool,
         dtype: torch.dtype,
+        dataset: DatasetSpec = CITYSCAPES,
     ) -> None:
         super().__init__(schedule)
         self.device, self.channels_last, self.dtype = device, channels_last, dtype
         self._mean = MEAN_BGR_F32.to(device)
         workers = max(int(num_workers), 0)
         self._loader = DataLoader(
-            PairDataset(pairs, crop_size),
+            PairDataset(pairs, crop_size, dataset),
             batch_sampler=schedule,
             num_workers=workers,
             collate_fn=collate,

@@ -179,11 +179,15 @@ def read_saved_config(path: str) -> dict[str, Any]:
     return dict(_read(path, mmap=True)["config"])
 
 
-def reference_export_name(student_model: str, student_backbone: str, distilled: bool, best: bool) -> str:
-    """The file name the reference scripts use (``kd_`` prefix for distilled students)."""
+def reference_export_name(student_model: str, student_backbone: str, distilled: bool, best: bool,
+                          dataset: str = "citys") -> str:
+    """The file name the reference scripts use (``kd_`` prefix for distilled students; the dataset as
+    CIRKD names it: citys, ade20k, voc, camvid, coco_stuff_164k)."""
+    from fastdist.data import get_dataset
+
     prefix = "kd_" if distilled else ""
     suffix = "_best_model" if best else ""
-    return f"{prefix}{student_model}_{student_backbone}_citys{suffix}.pth"
+    return f"{prefix}{student_model}_{student_backbone}_{get_dataset(dataset).reference_name}{suffix}.pth"
 
 
 def remove_earlier_run(save_dir: str, log_dir: str) -> list[str]:
@@ -197,7 +201,8 @@ def remove_earlier_run(save_dir: str, log_dir: str) -> list[str]:
         with open(os.path.join(save_dir, "config.json")) as f:
             saved = json.load(f)
         distilled = saved.get("teacher_model") is not None
-        names += [reference_export_name(saved["student_model"], saved["student_backbone"], distilled, best)
+        names += [reference_export_name(saved["student_model"], saved["student_backbone"], distilled, best,
+                                        saved.get("dataset", "citys"))
                   for best in (True, False)]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no readable config.json: only the fixed names

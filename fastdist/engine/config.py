@@ -36,15 +36,16 @@ from typing import Any
 
 import torch
 
-from fastdist.data import DALI_HINT, dali_available, default_backend
+from fastdist.data import DALI_HINT, DATASET_NAMES, dali_available, default_backend, get_dataset
 from fastdist.engine.dashboards import add_dashboard_args, check_dashboards
 from fastdist.engine.runtime import add_runtime_args, resolve_runtime
 from fastdist.engine.sliding import add_sliding_args, check_sliding_args
 
-__all__ = ["NON_FINITE_HINT", "RECIPE_KEYS", "ConfigError", "DataConfig", "DistillConfig", "ModelConfig",
-           "OptimConfig", "PathsConfig", "ReferenceFlags", "RunConfig", "RuntimeConfig", "ScheduleConfig",
-           "ValidationConfig", "build_config", "build_parser", "check_resume_compatible",
-           "check_writable_dir", "config_dict", "finite_nonneg", "finite_positive", "finite_scale",
+__all__ = ["DATASET_RECIPE_FLAGS", "NON_FINITE_HINT", "RECIPE_KEYS", "ConfigError", "DataConfig",
+           "DistillConfig", "ModelConfig", "OptimConfig", "PathsConfig", "ReferenceFlags", "RunConfig",
+           "RuntimeConfig", "ScheduleConfig", "ValidationConfig", "apply_dataset_recipe", "build_config",
+           "build_parser", "check_resume_compatible", "check_writable_dir", "config_dict", "finite_nonneg",
+           "finite_positive", "finite_scale",
            "parse_config", "recipe_warnings", "remove_stale_temp_files", "save_config",
            "validation_precision"]
 
@@ -53,7 +54,7 @@ __all__ = ["NON_FINITE_HINT", "RECIPE_KEYS", "ConfigError", "DataConfig", "Disti
 RECIPE_KEYS: tuple[str, ...] = (
     "teacher_model", "teacher_backbone", "student_model", "student_backbone", "crop_size",
     "batch_size", "max_iterations", "lr", "momentum", "weight_decay", "lambda_kd", "kd_temperature",
-    "kd_beta", "kd_gamma", "kd_mask", "kd_intra_sync", "seed", "kd_method",
+    "kd_beta", "kd_gamma", "kd_mask", "kd_intra_sync", "seed", "kd_method", "dataset",
 )  # fmt: skip
 
 # --kd-method: (loss weight --lambda-kd, temperature --kd-temperature) when not given. dist: the DIST
@@ -61,7 +62,11 @@ RECIPE_KEYS: tuple[str, ...] = (
 # default 1.0; --lambda-cwd-logit 3.0 with the CWD logit criterion's temperature 4.0).
 # Recipe keys added after the first checkpoints were written: a config without the key was trained
 # with this value (before --kd-method existed every run distilled with DIST).
-RECIPE_KEY_DEFAULTS: dict[str, Any] = {"kd_method": "dist"}
+RECIPE_KEY_DEFAULTS: dict[str, Any] = {"kd_method": "dist", "dataset": "citys"}
+
+# Flags whose default is the --dataset's recipe (fastdist.data.spec.Recipe); the parser's defaults are
+# Cityscapes' recipe, an explicit flag always wins.
+DATASET_RECIPE_FLAGS: tuple[str, ...] = ("crop_size", "batch_size", "max_iterations", "lr")
 
 KD_METHOD_DEFAULTS: dict[str, tuple[float, float]] = {"dist": (1.0, 1.0), "kd": (1.0, 1.0), "cwd": (3.0, 4.0)}
 
@@ -112,6 +117,7 @@ class DataConfig:
     crop_size: tuple[int, int]
     loader: str  # dali or torch
     workers: int
+    dataset_defaults: tuple[str, ...] = ()  # the DATASET_RECIPE_FLAGS taken from the dataset's recipe
 
 
 @dataclass(frozen=True)
@@ -293,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full student weights to start from")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="data/cityscapes", help="Cityscapes root (leftImg8bit/, gtFine/)")
+    g.add_argument("--data", default="data/cityscapes", help="dataset root (the --dataset's layout)")
+    g.add_argument("--dataset", default="citys", choices=DATASET_NAMES,
+                   help="dataset: layout, label map, classes and the recipe defaults of --crop-size, "
+                        "--batch-size, --max-iterations, --lr (CIRKD's scripts for it; see the README)")
     g.add_argument("--crop-size", type=_positive_int, nargs=2, default=[512, 1024], metavar=("H", "W"))
     g.add_argument("--workers", "-j", type=_non_negative_int, default=16,
                    help="loader threads (DALI) or worker processes (torch; 0 = in the main process) per rank")
@@ -301,7 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data pipeline (default: dali on CUDA when DALI is installed, else torch)")
     g.add_argument("--val-batch-size", type=_positive_int, default=None,
                    help="validation images per rank and batch (default: the per-rank training batch)")
-    g.add_argument("--dataset", default="citys", choices=("citys",), help="reference flag (Cityscapes only)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=_positive_int, default=16, help="global batch, split over ranks")
@@ -434,7 +442,8 @@ def build_config(ns: argparse.Namespace, command: str = "train.py") -> RunConfig
         model=models,
         data=DataConfig(data=ns.data, data_root=os.path.realpath(ns.data), dataset=ns.dataset,
                         crop_size=(ns.crop_size[0], ns.crop_size[1]), workers=ns.workers,
-                        loader=ns.loader or default_backend(runtime.device_type)),
+                        loader=ns.loader or default_backend(runtime.device_type),
+                        dataset_defaults=tuple(getattr(ns, "dataset_defaults", ()))),
         optim=OptimConfig(batch_size=ns.batch_size, batch_per_rank=batch_per_rank, lr=ns.lr,
                           momentum=ns.momentum, weight_decay=ns.weight_decay, optimizer=ns.optimizer,
                           seed=ns.seed),
@@ -444,7 +453,8 @@ def build_config(ns: argparse.Namespace, command: str = "train.py") -> RunConfig
                                 check_every=ns.check_every, save_per_iters=ns.save_per_iters,
                                 val_per_iters=ns.val_per_iters, skip_val=ns.skip_val),
         validation=ValidationConfig(
-            val_batch_size=ns.val_batch_size or max(1, batch_per_rank), val_amp=ns.val_amp,
+            val_batch_size=ns.val_batch_size or _default_val_batch(ns.dataset, batch_per_rank),
+            val_amp=ns.val_amp,
             eval_mode=ns.eval_mode, eval_stride=tuple(ns.eval_stride) if ns.eval_stride else None),
         paths=_paths_config(ns, models),
         reference=ReferenceFlags(gpu_id=ns.gpu_id, local_rank=ns.local_rank, aux=ns.aux),
@@ -493,15 +503,40 @@ def _check_dataset(cfg: RunConfig) -> None:
     from fastdist.data import check_dataset
     from fastdist.data.cityscapes import DatasetError
 
-    splits = ["train"] + ([] if cfg.schedule.skip_val else ["val"])
+    spec = get_dataset(cfg.data.dataset)
+    if spec.varying_size and cfg.validation.val_batch_size != 1:
+        raise ConfigError(f"--val-batch-size {cfg.validation.val_batch_size}: {spec.title} images vary in "
+                          "size, so validation runs one image per batch and rank; leave the flag out or "
+                          "use 1")
+    splits = ["train"] + ([] if cfg.schedule.skip_val else [spec.recipe.val_split])
     for split in splits:
         try:
             check_dataset(cfg.data.data, split, rank=int(os.environ.get("RANK", "0")),
-                          world_size=cfg.runtime.world_size)
+                          world_size=cfg.runtime.world_size, dataset=spec)
         except DatasetError as err:
-            raise ConfigError(f"dataset {cfg.data.data!r} ({split}): {err}. Point --data at a Cityscapes "
-                              "root (leftImg8bit/ and gtFine/), or make a synthetic one with "
-                              "`python -m fastdist.data.synthetic DIR`") from None
+            raise ConfigError(f"dataset {cfg.data.data!r} ({split}): {err}. Point --data at a {spec.title} "
+                              "root (see fastdist.data.datasets for the layout), or make a synthetic one "
+                              f"with `python -m fastdist.data.synthetic --dataset {spec.name} DIR`") from None
+
+
+def _default_val_batch(dataset: str, batch_per_rank: int) -> int:
+    """One image per batch where the dataset's image sizes vary, else the per-rank training batch."""
+    return 1 if get_dataset(dataset).varying_size else max(1, batch_per_rank)
+
+
+def apply_dataset_recipe(ns: argparse.Namespace, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Set the `DATASET_RECIPE_FLAGS` not given in ``argv`` to ``--dataset``'s recipe (in place; returns
+    ``ns``) and record which ones came from it (``ns.dataset_defaults``, saved in config.json)."""
+    unset = object()  # a default no command line can produce: the flag was left out
+    probe = build_parser()
+    probe.set_defaults(**dict.fromkeys(DATASET_RECIPE_FLAGS, unset))
+    given = vars(probe.parse_args(argv))
+    recipe = get_dataset(ns.dataset).recipe
+    ns.dataset_defaults = [flag for flag in DATASET_RECIPE_FLAGS if given[flag] is unset]
+    for flag in ns.dataset_defaults:
+        value = getattr(recipe, flag)
+        setattr(ns, flag, list(value) if isinstance(value, tuple) else value)
+    return ns
 
 
 def _check_numbers(cfg: RunConfig) -> None:
@@ -567,7 +602,7 @@ def parse_config(argv: Sequence[str] | None = None) -> RunConfig:
     """Parse, resolve and validate the command line; raises `ConfigError` (checks that take seconds at
     most: names, files, the dataset's pairs and file headers, the batch split, the resumed recipe)."""
     command = " ".join(["train.py", *(sys.argv[1:] if argv is None else argv)])
-    cfg = build_config(build_parser().parse_args(argv), command)
+    cfg = build_config(apply_dataset_recipe(build_parser().parse_args(argv), argv), command)
     _check_numbers(cfg)
     _check_features(cfg)
     _check_models(cfg.model)

@@ -113,7 +113,8 @@ def open_dashboards(cfg: RunConfig, is_main: bool) -> Dashboards | None:
     paths = cfg.paths
     if not is_main or not (paths.tensorboard or paths.wandb is not None):
         return None
-    from fastdist.data.cityscapes import CLASS_NAMES
+    from fastdist.data import get_dataset
     from fastdist.engine.config import config_dict
 
-    return Dashboards(paths.log_dir, paths.tensorboard, paths.wandb, config_dict(cfg), CLASS_NAMES)
+    class_names = get_dataset(cfg.data.dataset).class_names
+    return Dashboards(paths.log_dir, paths.tensorboard, paths.wandb, config_dict(cfg), class_names)

@@ -34,7 +34,11 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     fp32 scores, like training validation's default)."""
     parser.add_argument("--model", required=True, help="deeplabv3 | psp | deeplab_mobile | psp_mobile")
     parser.add_argument("--backbone", required=True, help="resnet18 | resnet50 | resnet101 | mobilenetv2")
-    parser.add_argument("--data", required=True, help="Cityscapes root (leftImg8bit/, gtFine/)")
+    parser.add_argument("--data", required=True, help="dataset root (the --dataset's layout)")
+    from fastdist.data import DATASET_NAMES
+
+    parser.add_argument("--dataset", default="citys", choices=DATASET_NAMES,
+                        help="dataset: layout, label map, classes (the model's), palette")
     parser.add_argument("--pretrained", required=True, help="model checkpoint")
     parser.add_argument("--scales", type=finite_scale, nargs="+", default=[1.0],
                         help=f"test scales in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}], e.g. 0.75 1.0 1.25")
@@ -110,7 +114,7 @@ def prepare_inference(args: argparse.Namespace,
                       check: Callable[[argparse.Namespace], None] | None = None) -> InferenceRun:
     """Resolve the runtime flags, check ``--save-dir`` (when given) and anything ``check`` adds, list the
     split's pairs, load the checkpoint, then start the process group and move the model to the device."""
-    from fastdist.data.cityscapes import NUM_CLASSES, list_pairs
+    from fastdist.data import get_dataset, list_pairs
 
     try:
         runtime = resolve_runtime(args.device, args.amp, args.channels_last)
@@ -120,7 +124,8 @@ def prepare_inference(args: argparse.Namespace,
         check_writable_dir(args.save_dir, "--save-dir")
     if check is not None:
         check(args)
-    pairs = list_pairs(args.data, args.split)
-    model = build_inference_model(args.model, args.backbone, args.pretrained, NUM_CLASSES)
+    spec = get_dataset(args.dataset)
+    pairs = list_pairs(args.data, args.split, dataset=spec)
+    model = build_inference_model(args.model, args.backbone, args.pretrained, spec.num_classes)
     env = setup_distributed(runtime.device)
     return InferenceRun(to_device(model, env.device, runtime.channels_last), env, runtime, pairs)

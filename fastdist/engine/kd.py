@@ -59,11 +59,11 @@ def _load(what: str, flag: str, path: str, loader: Callable[[], object], model: 
         ) from None
 
 
-def _build_role(models: ModelConfig, role: str) -> nn.Module:
-    """``role`` ("student" or "teacher") on the CPU with ``--<role>-pretrained-base`` and then
-    ``--<role>-pretrained`` loaded (each only when given)."""
+def _build_role(models: ModelConfig, role: str, num_classes: int) -> nn.Module:
+    """``role`` ("student" or "teacher") with ``num_classes`` outputs on the CPU with
+    ``--<role>-pretrained-base`` and then ``--<role>-pretrained`` loaded (each only when given)."""
     name, backbone = getattr(models, f"{role}_model"), getattr(models, f"{role}_backbone")
-    model = build_model(name, backbone, NUM_CLASSES)
+    model = build_model(name, backbone, num_classes)
     base, full = getattr(models, f"{role}_pretrained_base"), getattr(models, f"{role}_pretrained")
     if base:
         _load(role, f"--{role}-pretrained-base", base, lambda: load_pretrained_backbone(model, base),
@@ -73,16 +73,16 @@ def _build_role(models: ModelConfig, role: str) -> nn.Module:
     return model
 
 
-def build_student(models: ModelConfig) -> nn.Module:
+def build_student(models: ModelConfig, num_classes: int = NUM_CLASSES) -> nn.Module:
     """The student on the CPU with its initial weights (``--student-pretrained[-base]``)."""
-    return _build_role(models, "student")
+    return _build_role(models, "student", num_classes)
 
 
-def build_teacher(models: ModelConfig) -> nn.Module | None:
+def build_teacher(models: ModelConfig, num_classes: int = NUM_CLASSES) -> nn.Module | None:
     """The frozen teacher on the CPU (None with ``--teacher-model none``)."""
     if not models.distilled:
         return None
-    model = _build_role(models, "teacher")
+    model = _build_role(models, "teacher", num_classes)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -1,4 +1,4 @@
-"""Prediction files for the Cityscapes test server (predict.py).
+"""Prediction files (predict.py); for Cityscapes ready for its test server.
 
 Layout under ``save_dir``, per input ``<root>/leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png``:
 
@@ -6,6 +6,8 @@ Layout under ``save_dir``, per input ``<root>/leftImg8bit/<split>/<city>/<stem>_
   and cityscapesScripts match by ``<city>_<seq>_<frame>*.png``;
 * ``color/<city>/<stem>_color.png``: a palette visualisation (kept out of ``labelIds/`` on purpose: the
   server rejects two files matching one frame).
+
+Other datasets: ``labels/<stem>.png`` in the dataset's own id space and ``color/<stem>.png``.
 """
 
 from __future__ import annotations
@@ -30,26 +32,29 @@ __all__ = ["flat_palette", "predict_images", "prediction_paths", "train_id_to_la
 
 def train_id_to_label_id_lut() -> np.ndarray:
     """256-entry uint8 table train id -> Cityscapes label id (0 = "unlabeled" for anything else)."""
-    from fastdist.data.cityscapes import TRAIN_ID_TO_LABEL_ID
+    from fastdist.data.cityscapes import CITYSCAPES
 
-    lut = np.zeros(256, dtype=np.uint8)
-    for train_id, label_id in TRAIN_ID_TO_LABEL_ID.items():
-        lut[train_id] = label_id
-    return lut
+    return CITYSCAPES.stored_id_lut()
 
 
 def flat_palette() -> list[int]:
     """The Cityscapes train-id palette as a 768-entry PIL palette (unused entries black)."""
-    from fastdist.data.cityscapes import PALETTE
+    from fastdist.data.cityscapes import CITYSCAPES
 
-    flat = [channel for colour in PALETTE for channel in colour]
-    return flat + [0] * (768 - len(flat))
+    return CITYSCAPES.flat_palette()
 
 
-def prediction_paths(image_path: str, save_dir: str) -> tuple[str, str]:
-    """(labelId PNG path, colour PNG path) for one input image; the city folder is kept."""
-    city = os.path.basename(os.path.dirname(image_path))
+def prediction_paths(image_path: str, save_dir: str, dataset: str = "citys") -> tuple[str, str]:
+    """(label PNG path, colour PNG path) for one input image.
+
+    Cityscapes keeps the city folder (the module docstring); the other datasets write
+    ``labels/<stem>.png`` (ids as the dataset stores them) and ``color/<stem>.png``.
+    """
     fname = os.path.basename(image_path)
+    if dataset != "citys":
+        stem = os.path.splitext(fname)[0]
+        return os.path.join(save_dir, "labels", f"{stem}.png"), os.path.join(save_dir, "color", f"{stem}.png")
+    city = os.path.basename(os.path.dirname(image_path))
     suffix = "_leftImg8bit.png"
     stem = fname[: -len(suffix)] if fname.endswith(suffix) else os.path.splitext(fname)[0]
     label_path = os.path.join(save_dir, "labelIds", city, f"{stem}_leftImg8bit.png")
@@ -82,8 +87,12 @@ def predict_images(
     workers: int = 4,
     source: str = "the model",
     progress: Callable[[int], None] | None = None,
+    dataset: str = "citys",
 ) -> int:
     """Predict every image of ``image_paths`` (this rank's shard) and write its PNGs; returns the count.
+
+    Label PNGs hold the ids of ``dataset``'s own id space (train ids mapped back to the stored ids),
+    colour PNGs its palette.
 
     Decoding and PNG encoding run in a thread pool (bounded read-ahead and write-behind) so the device
     stays busy; predictions are at the full image size. An image with NaN/inf logits raises
@@ -93,7 +102,10 @@ def predict_images(
 
     device = torch.device(device)
     net = unwrap_for_inference(model).eval()
-    lut, palette = train_id_to_label_id_lut(), flat_palette()
+    from fastdist.data import get_dataset
+
+    spec = get_dataset(dataset)
+    lut, palette = spec.stored_id_lut(), spec.flat_palette()
     window = max(2, workers)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         reads: deque[Future] = deque(pool.submit(read_image_bgr, p) for p in image_paths[:window])
@@ -107,7 +119,7 @@ def predict_images(
             if not bool(torch.isfinite(logits).all()):  # this loop reads the prediction anyway
                 raise non_finite_logits_error(f"{source} (image {path})", 1)
             pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
-            label_path, color_path = prediction_paths(path, save_dir)
+            label_path, color_path = prediction_paths(path, save_dir, dataset)
             writes.append(pool.submit(write_prediction, pred, label_path, color_path if color else None,
                                       lut, palette))
             while len(writes) > window:

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastdist.data.cityscapes import CLASS_NAMES, NUM_CLASSES
+from fastdist.data import get_dataset
 from fastdist.engine import checkpoint as ckpt
 from fastdist.engine.config import NON_FINITE_HINT, OptimConfig, RunConfig, config_dict, validation_precision
 from fastdist.engine.distributed import DistEnv
@@ -381,7 +381,8 @@ class Trainer:
         precision = validation_precision(self.cfg)  # fp32 unless --val-amp: best.pth on the reference metric
         with self._fork_rng():
             net = maybe_sliding(self.student, val.eval_mode, self.cfg.data.crop_size, val.eval_stride)
-            res = evaluate(net, self.val_loader, NUM_CLASSES, self.env.device,
+            spec = get_dataset(self.cfg.data.dataset)
+            res = evaluate(net, self.val_loader, spec.num_classes, self.env.device,
                            amp=precision, source=f"the student at iteration {it}")
         miou, acc = res["mIoU"], res["pixAcc"]
         is_best = self.best_miou is None or miou > self.best_miou
@@ -391,7 +392,7 @@ class Trainer:
                       f"pixAcc {100 * acc:.2f} | best {100 * self.best_miou:.2f} "
                       f"(it {self.best_iteration}) | "
                       f"{res.get('images', '?')} images in {time.perf_counter() - t0:.1f} s\n"
-                      + format_iou_table(res["IoU"], CLASS_NAMES, miou))
+                      + format_iou_table(res["IoU"], spec.class_names, miou))
         self.log.record("val", iteration=it, mIoU=miou, pixAcc=acc, IoU=res["IoU"], best_mIoU=self.best_miou,
                         best_iteration=self.best_iteration, precision=precision)
         self._window.paused += time.perf_counter() - t0
@@ -423,7 +424,7 @@ class Trainer:
         if self.env.is_main:
             models = self.cfg.model
             name = ckpt.reference_export_name(models.student_model, models.student_backbone, models.distilled,
-                                              best=best)
+                                              best=best, dataset=self.cfg.data.dataset)
             ckpt.export_reference(self.student, os.path.join(self.cfg.paths.save_dir, name))
 
     def _settle(self) -> None:
