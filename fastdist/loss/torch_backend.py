@@ -25,12 +25,19 @@ Backward, per piece, recomputing p, q, a, b (nothing N x C is saved)::
 with ``A = p - mu_p``, ``B = q - mu_q`` from ``col_coef`` (global column means).
 """
 
-from collections.abc import Iterator
+import os
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .stats import EPS, merge_stats
+
+_R = TypeVar("_R")
 
 # elements of one (rows x C) piece: bounds the float32 temporaries (~10 pieces live) while keeping
 # the per-piece launch overhead small on GPUs
@@ -38,6 +45,47 @@ _PIECE_ELEMS = {"cpu": 1 << 22, "cuda": 1 << 24}
 RowTerms = tuple[Tensor, Tensor, Tensor, Tensor]  # <a, b>, ||a||, ||b||, D per row
 # above this many classes an NCHW softmax is worth a transposed copy (accuracy of the class sums)
 _STRIDED_SOFTMAX_MAX_C = 1024
+# CPU inputs of at least this many elements (B * C * H * W) run the compiled path (smaller ones, as in
+# the tests and the demo, stay eager: no compile time); see docs/design.md, "The CPU path"
+COMPILE_MIN_ELEMS = 1 << 18
+COMPILED_CALLS: Counter[str] = Counter()  # calls that ran compiled, per function name (for tests)
+_COMPILED: dict[Callable, Callable] = {}
+_COMPILE_STATE = {"disabled": False}
+
+
+def _use_compiled(s3: Tensor, t3: Tensor, mask3: Tensor | None) -> bool:
+    """Whether this call runs the Inductor-compiled whole-tensor path: CPU, at least
+    ``COMPILE_MIN_ELEMS`` elements, at most ``_STRIDED_SOFTMAX_MAX_C`` classes, compiling not disabled
+    (``FASTDIST_CPU_COMPILE=0`` or an earlier failure), plain tensors and no tracing, transform or
+    dispatch mode around the call (inside ``torch.compile`` of a model the custom op's body runs at run
+    time, on real tensors, so it takes this path too)."""
+    if s3.device.type != "cpu" or s3.numel() < COMPILE_MIN_ELEMS or s3.shape[1] > _STRIDED_SOFTMAX_MAX_C:
+        return False
+    if _COMPILE_STATE["disabled"] or os.environ.get("FASTDIST_CPU_COMPILE", "1") == "0":
+        return False
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if _get_current_dispatch_mode() is not None:
+        return False
+    return all(x is None or type(x) is Tensor for x in (s3, t3, mask3))
+
+
+def _run_compiled(fn: Callable[..., _R], *args: object) -> tuple[bool, _R | None]:
+    """``(True, fn(*args))`` with ``fn`` compiled by Inductor (dynamic shapes, one graph, no autograd),
+    or ``(False, None)`` after warning once when compiling fails (no C++ compiler, ...): the caller then
+    runs the eager pieces."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    try:
+        with torch.no_grad():
+            out = _COMPILED[fn](*args)
+    except Exception as exc:  # noqa: BLE001 - any compile failure falls back to the eager path
+        _COMPILE_STATE["disabled"] = True
+        warnings.warn(f"fastdist torch backend: Inductor compile failed ({exc!r:.200}); using the eager "
+                      "path from now on", RuntimeWarning, stacklevel=3)
+        return False, None
+    COMPILED_CALLS[fn.__name__] += 1
+    return True, out
 
 
 def _as_bcl(x: Tensor) -> Tensor:
@@ -110,6 +158,24 @@ def _piece_keep(mask3: Tensor | None, bs: slice, ls: slice) -> Tensor | None:
     return None if mask3 is None else mask3[bs, ls].unsqueeze(1)
 
 
+def _stats_of(
+    s3: Tensor, t3: Tensor, keep: Tensor | None, tau: float, dtype: torch.dtype, col_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(row_stats (2,), col_stats (5, C))`` float64 of one (b, C, l) block; ``keep`` (b, 1, l) or None.
+
+    The column statistics are taken in ``col_dtype``: the compute dtype on the eager path (PyTorch's
+    sums are accurate enough there), float64 on the compiled one (Inductor's strided column sums in
+    float32 lose about an order of magnitude: 5e-7 relative over 220k rows against 5e-8 eager)."""
+    p, a = _probs(s3, tau, dtype)
+    q, b = _probs(t3, tau, dtype)
+    ab, _, _, den = _row_terms(a, b)
+    r = ab / den
+    if keep is not None:
+        r = torch.where(keep, r, 0)
+    count, col = _piece_col_stats(p.to(col_dtype), q.to(col_dtype), keep)
+    return torch.stack([r.sum(dtype=torch.float64), count]), col
+
+
 def dist_forward_stats(
     student: Tensor, teacher: Tensor, tau: float, mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -118,18 +184,15 @@ def dist_forward_stats(
     batch, num_classes, length = s3.shape
     mask3 = None if mask is None else mask.view(batch, length)
     dtype = _compute_dtype(student, teacher)
+    compiled = _use_compiled(s3, t3, mask3)
     row = torch.zeros(2, dtype=torch.float64, device=student.device)
     col = torch.zeros(5, num_classes, dtype=torch.float64, device=student.device)
     for bs, ls in _pieces(s3):
-        p, a = _probs(s3[bs, :, ls], tau, dtype)
-        q, b = _probs(t3[bs, :, ls], tau, dtype)
-        ab, _, _, den = _row_terms(a, b)
-        r = ab / den
-        keep = _piece_keep(mask3, bs, ls)
-        if keep is not None:
-            r = torch.where(keep, r, 0)
-        count, piece_col = _piece_col_stats(p, q, keep)
-        piece_row = torch.stack([r.sum(dtype=torch.float64), count])
+        args = (s3[bs, :, ls], t3[bs, :, ls], _piece_keep(mask3, bs, ls), tau, dtype)
+        # the pieces bound the column sums' length (accuracy at millions of rows) on both paths
+        ok, piece = _run_compiled(_stats_of, *args, torch.float64) if compiled else (False, None)
+        piece_row, piece_col = piece if ok else _stats_of(*args, dtype)
+        compiled = ok
         row, col = merge_stats(row, col, piece_row, piece_col)
     return row, col
 
@@ -157,6 +220,34 @@ def _softmax_backward(p: Tensor, grad_p: Tensor, scale: Tensor, keep: Tensor | N
     return grad_x if keep is None else torch.where(keep, grad_x, 0)
 
 
+def _grads_into(
+    s3: Tensor,
+    t3: Tensor,
+    keep: Tensor | None,
+    tau: float,
+    coef: Tensor,
+    w_row: Tensor,
+    scale: Tensor,
+    d_s3: Tensor | None,
+    d_t3: Tensor | None,
+) -> None:
+    """Write dS (into ``d_s3``) and dT (into ``d_t3``) of one (b, C, l) block; a None output is skipped.
+
+    ``coef`` (5, 1, C, 1) = col_coef in the compute dtype, ``w_row`` (1,), ``scale`` = grad_out / tau (0-d).
+    """
+    mu_p, mu_q, k_b, k_as, k_at = coef.unbind(0)
+    p, a = _probs(s3, tau, coef.dtype)
+    q, b = _probs(t3, tau, coef.dtype)
+    big_a, big_b = p - mu_p, q - mu_q
+    ab, n_a, n_b, den = _row_terms(a, b)
+    if d_s3 is not None:
+        grad_p = _grad_probs(a, b, (ab, n_a, n_b, den), big_a, big_b, k_b, k_as, w_row)
+        d_s3.copy_(_softmax_backward(p, grad_p, scale, keep))
+    if d_t3 is not None:
+        grad_q = _grad_probs(b, a, (ab, n_b, n_a, den), big_b, big_a, k_b, k_at, w_row)
+        d_t3.copy_(_softmax_backward(q, grad_q, scale, keep))
+
+
 def dist_backward(
     student: Tensor,
     teacher: Tensor,
@@ -174,21 +265,17 @@ def dist_backward(
     mask3 = None if mask is None else mask.view(batch, length)
     dtype = _compute_dtype(student, teacher)
     coef = col_coef.to(dtype).view(5, 1, num_classes, 1)
-    mu_p, mu_q, k_b, k_as, k_at = coef.unbind(0)
     w_row = row_coef.to(dtype)
     scale = grad_out.to(dtype) / tau
     d_student = torch.empty_like(student) if need_student else None
     d_teacher = torch.empty_like(teacher) if need_teacher else None
+    d_s3 = None if d_student is None else _as_bcl(d_student)
+    d_t3 = None if d_teacher is None else _as_bcl(d_teacher)
+    if _use_compiled(s3, t3, mask3):
+        keep = _piece_keep(mask3, slice(None), slice(None))
+        if _run_compiled(_grads_into, s3, t3, keep, tau, coef, w_row, scale, d_s3, d_t3)[0]:
+            return d_student, d_teacher
     for bs, ls in _pieces(s3):
-        p, a = _probs(s3[bs, :, ls], tau, dtype)
-        q, b = _probs(t3[bs, :, ls], tau, dtype)
-        big_a, big_b = p - mu_p, q - mu_q
-        keep = _piece_keep(mask3, bs, ls)
-        ab, n_a, n_b, den = _row_terms(a, b)
-        if d_student is not None:
-            grad_p = _grad_probs(a, b, (ab, n_a, n_b, den), big_a, big_b, k_b, k_as, w_row)
-            _as_bcl(d_student)[bs, :, ls] = _softmax_backward(p, grad_p, scale, keep)
-        if d_teacher is not None:
-            grad_q = _grad_probs(b, a, (ab, n_b, n_a, den), big_b, big_a, k_b, k_at, w_row)
-            _as_bcl(d_teacher)[bs, :, ls] = _softmax_backward(q, grad_q, scale, keep)
+        _grads_into(s3[bs, :, ls], t3[bs, :, ls], _piece_keep(mask3, bs, ls), tau, coef, w_row, scale,
+                    None if d_s3 is None else d_s3[bs, :, ls], None if d_t3 is None else d_t3[bs, :, ls])
     return d_student, d_teacher
