@@ -1,6 +1,6 @@
 """Static roofline of the fused loss kernels: no GPU needed, every number is a static estimate.
 
-Every kernel variant the launchers JIT (each kernel module's ``report_specs(C, dtype, layout)``: the
+Every kernel variant the launchers JIT (each kernel module's ``report_specs(C, dtype, layout, shape)``: the
 same constexprs, signature and divisibility hints as at run time) is compiled ahead of time for
 sm_90a and sm_80 (``GPUTarget("cuda", 90, 32)``: Triton 3.6 compiles capability >= 90 for the
 architecture-specific "a" target) and disassembled with the ``cuobjdump`` that Triton ships. Per
@@ -170,21 +170,22 @@ def compile_spec(spec: dict, arch: int) -> dict:
         cubin.write_bytes(kern.asm["cubin"])
         sass, res = (subprocess.run([_cuobjdump(), flag, str(cubin)], capture_output=True, text=True,
                                     check=True).stdout for flag in ("-sass", "-res-usage"))
-    regs, _stack, shared, local = map(int, _RESOURCES.search(res).groups())
+    # spilled registers live in the stack frame (STACK) or in local memory (LOCAL): both count
+    regs, stack, shared, local = map(int, _RESOURCES.search(res).groups())
     instrs = parse_sass(sass)
     target = re.search(r"code for (sm_\w+)", sass).group(1)
-    return {"target": target, "registers": regs, "spills": local, "shared_bytes": shared,
+    return {"target": target, "registers": regs, "spills": stack + local, "shared_bytes": shared,
             "occupancy_warps": occupancy(arch, regs, shared, spec["num_warps"]),
             "instrs": instrs, "loops": find_loops(instrs), **sass_stats(instrs)}
 
 
-def _compile_job(job: tuple[str, int, str, str, int, int]) -> dict:
-    """Worker entry: (module, C, dtype, layout, spec index, arch). A spec's JITFunction does not pickle
-    (its function's module name now refers to the JITFunction), so the worker rebuilds the spec."""
+def _compile_job(job: tuple[str, int, str, str, tuple[int, ...], int, int]) -> dict:
+    """Worker entry: (module, C, dtype, layout, shape, spec index, arch). A spec's JITFunction does not
+    pickle (its function's module name now refers to the JITFunction), so the worker rebuilds the spec."""
     import torch
 
-    module, C, dtype, layout, index, arch = job
-    spec = importlib.import_module(module).report_specs(C, getattr(torch, dtype), layout)[index]
+    module, C, dtype, layout, shape, index, arch = job
+    spec = importlib.import_module(module).report_specs(C, getattr(torch, dtype), layout, shape)[index]
     return compile_spec(spec, arch)
 
 
@@ -240,26 +241,31 @@ def _layouts(shape: tuple[int, ...], layouts: list[str]) -> list[str]:
 
 def build_report(shapes: dict[str, tuple[int, ...]], dtype: str, layouts: list[str], archs: list[str],
                  jobs: int = 2, modules: list[Any] | None = None) -> list[dict]:
-    """Records for every module x (C, layout) of `shapes` x spec x arch x shape, compiled in a pool."""
+    """Records for every module x (C, layout) of `shapes` x spec x arch x shape, compiled in a pool.
+    Specs come from ``report_specs(C, dtype, layout, shape)``: the specialisation that runs at that
+    shape (e.g. the forward's record length depends on N); a spec shared by several shapes (same
+    name) is compiled once."""
     import torch
 
     modules = kernel_modules() if modules is None else modules
-    work, jobs_args = [], []  # (spec, module, arch_name, [shapes]); the worker's arguments
+    work = []  # (spec, module, arch_name, shape, compile job)
     for mod in modules:
-        for C in sorted({s[1] for s in shapes.values()}):
-            for layout in layouts:
-                at = [s for s in shapes.values() if s[1] == C and layout in _layouts(s, layouts)]
-                if not at:
-                    continue
-                for i, spec in enumerate(mod.report_specs(C, getattr(torch, dtype), layout)):
+        for shape in shapes.values():
+            for layout in _layouts(shape, layouts):
+                C = shape[1]
+                for i, spec in enumerate(mod.report_specs(C, getattr(torch, dtype), layout, shape)):
                     for arch in archs:
-                        work.append((spec, mod, arch, at))
-                        jobs_args.append((mod.__name__, C, dtype, layout, i, ARCHS[arch]))
+                        work.append((spec, mod, arch, shape, (mod.__name__, C, dtype, layout, shape, i,
+                                                              ARCHS[arch])))
+    unique = {(w[1].__name__, w[0]["name"], w[2]): w[4] for w in work}  # one compile per distinct spec
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        analyses = list(pool.map(_compile_job, jobs_args))
-    return [record(spec, arch, analysis, shape, mod.program_plan(spec, shape))
-            for (spec, mod, arch, at), analysis in zip(work, analyses, strict=True) for shape in at]
+        analyses = dict(zip(unique, pool.map(_compile_job, unique.values()), strict=True))
+    records = [record(spec, arch, analyses[(mod.__name__, spec["name"], arch)], shape,
+                      mod.program_plan(spec, shape)) for spec, mod, arch, shape, _ in work]
+    order = {k: i for i, k in enumerate(("dist", "kd", "cwd"))}  # loss, then C, layout, kernel, arch
+    return sorted(records, key=lambda r: (order.get(r["loss"], 9), r["C"], r["layout"], r["arch"],
+                                          _rows(tuple(r["shape"]))))
 
 
 def _fmt_ops(ops: dict) -> str:
@@ -267,21 +273,23 @@ def _fmt_ops(ops: dict) -> str:
 
 
 def format_report(records: list[dict]) -> str:
-    """Markdown: per-variant SASS table (first shape of each variant), then the sm_90a predictions."""
+    """Markdown: per-variant SASS table (each compiled variant once, at the first shape it runs at),
+    then the sm_90a predictions per shape."""
     seen, lines = set(), [
         "Static estimates (no GPU): compiled SASS, not measured.", "",
-        "| loss | kernel | arch | C | dtype | layout | regs | spills (B) | warps/SM | loads | stores | MUFU "
-        "| warp-instr/row | bytes/row |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "| loss | kernel | arch | C | dtype | layout | shape | regs | spills (B) | warps/SM | loads | stores "
+        "| MUFU | warp-instr/row | bytes/row |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        key = (r["loss"], r["kernel"], r["arch"], r["C"], r["layout"])
+        key = (r["loss"], r["name"], r["arch"])
         if key in seen:
             continue
         seen.add(key)
         per_row = r["error"] or f"{r['warp_instructions_per_row']:.1f}"
-        cells = [r["loss"], r["kernel"], r["target"], r["C"], r["dtype"], r["layout"], r["registers"],
-                 r["spills"], r["occupancy_warps"], _fmt_ops(r["global_loads"]), _fmt_ops(r["global_stores"]),
-                 sum(r["mufu"].values()), per_row, f"{r['bytes_per_row']:.1f}"]
+        cells = [r["loss"], r["kernel"], r["target"], r["C"], r["dtype"], r["layout"],
+                 "x".join(map(str, r["shape"])), r["registers"], r["spills"], r["occupancy_warps"],
+                 _fmt_ops(r["global_loads"]), _fmt_ops(r["global_stores"]), sum(r["mufu"].values()), per_row,
+                 f"{r['bytes_per_row']:.1f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "Predicted time = max(HBM floor, issue floor), sm_90a code (static estimate):", "",
               "| loss | kernel | shape | layout | H100 SXM us | H100 % HBM | H200 us | H200 % HBM "

@@ -257,11 +257,12 @@ def _spec(P: int, s_dt: torch.dtype, t_dt: torch.dtype, layout: str, has_mask: b
             "loss": "cwd", "kernel": "fwd_bwd", "layout": layout, "C": C, "dtype": str(s_dt).split(".")[-1]}
 
 
-def report_specs(C: int, dtype: torch.dtype, layout: str, P: int = 64 * 128) -> list[dict]:
-    """The kernel a forward+backward launches for planes of P positions (default: the recipe's 64 x 128
-    logits), no mask, dS only. CWD needs 4-D input: layout "2d" has no specs."""
+def report_specs(C: int, dtype: torch.dtype, layout: str, shape: tuple[int, ...] | None = None) -> list[dict]:
+    """The kernel a forward+backward launches for planes of P = H*W positions of `shape` (default: the
+    recipe's 64 x 128 logits), no mask, dS only. CWD needs 4-D input: layout "2d" has no specs."""
     if layout == "2d":
         return []
+    P = 64 * 128 if shape is None else shape[2] * shape[3]
     return [_spec(P, dtype, dtype, layout, False, True, False, C)]
 
 

@@ -8,7 +8,7 @@ Notation (see docs/design.md): S, T are the student / teacher logits viewed as N
 Row (inter) Pearson term, per kept row i:
 
     a = p_i - mean(p_i),  b = q_i - mean(q_i),  ab_i = <a, b>,  na_i = ||a||,  nb_i = ||b||
-    D_i = na_i * nb_i + 1e-8,  r_i = ab_i / D_i
+    D_i = na_i * nb_i + eps,  r_i = ab_i / D_i     (eps = 1e-8, passed in: fastdist.loss.stats.EPS)
 
 Column (intra) statistics over the kept rows, per class j:
 
@@ -39,19 +39,33 @@ into one stride (e.g. a transposed H/W view) is made contiguous by the launcher 
 gradient is then copied back into a tensor with the input's strides. Row indices are int32
 (N < 2^31 - 2^20 is checked); element offsets are int64.
 
-Determinism and accuracy scheme
--------------------------------
-* A *group* is a register tile [GROUP_ROWS, BLOCK_C] (BLOCK_C = next_power_of_2(C)); GROUP_ROWS and
-  num_warps are a fixed function of C (``tile_params``), never tuned. All reductions inside a tile are
-  therefore done with one fixed register layout, i.e. one fixed summation order.
-* Forward: a *chunk* is MERGE_GROUPS consecutive groups (for large N 256 rows for C <= 128, down to
-  64 rows for C >= 512; shorter for small N so that there are >= 132 programs, e.g. 64 rows at 16k
-  rows and C=19: a fixed function of (N, C), ``_merge_groups``). For every group the kernel
+Two layouts (``tile_params``, a fixed function of C, never tuned)
+-----------------------------------------------------------------
+* *Row layout* (C <= 22: the segmentation recipes). A group is [64, BLOCK_C] with one row per
+  thread and all of its classes in that thread's registers (2 warps; the loads have contiguity 1 so
+  that Triton's coalescer keeps this layout). C is a constexpr, so the padded classes of BLOCK_C are
+  compile-time constants and fold away; the row reductions (max, sums, <a, b>, norms) stay inside the
+  thread; loads use clamped row and class indices instead of masks. Each thread keeps Welford
+  statistics of the rows it owns (fp32, at most MERGE_GROUPS <= 32 rows per record), reduced across
+  the program once per record with the exact multi-set Chan form in a fixed tree.
+* *Tile layout* (larger C). A group is a [GROUP_ROWS, BLOCK_C] tile with the classes spread over
+  threads (about 4 elements per thread); row reductions are shuffles. For every group the kernel
   computes, in fp32 registers, the kept-row count, the column means and the *centred* sums of
   squares / co-moment (two passes over the tile in registers, so no catastrophic cancellation), and
-  merges the groups of a chunk sequentially, in row order, with the exact Chan et al. update. Each
-  chunk writes one partial record (fp32, [sum r, count] and [mu_p, mu_q, M2_p, M2_q, C_pq]) - no
-  atomics. The partial buffer is 20 bytes per class per chunk (1-8% of bf16 logits for large N).
+  merges the groups of a chunk sequentially, in row order, with the exact Chan et al. update.
+* Both: the softmax runs in base 2 (exp2 of x * log2(e)/tau minus the row max, log2(e)/tau from the
+  host), one approximate reciprocal per row instead of a division per element, and the rows are
+  centred before normalisation (a = p - mean(p) = (e - mean(e)) / sum(e): one FMA per element).
+
+Determinism and accuracy scheme
+-------------------------------
+* All reductions use one fixed register layout per (C, dtypes, flags), i.e. one fixed summation order.
+* Forward: a *chunk* (record) is MERGE_GROUPS consecutive groups (for large N 2048 rows in the row
+  layout, 256 rows for C <= 128 down to 64 rows for C >= 512 in the tile layout; shorter for small N
+  so that there are >= 132 programs, e.g. 64 rows at 16k rows and C=19: a fixed function of (N, C),
+  ``_merge_groups``). Each chunk writes one partial record (fp32, [sum r, count] and
+  [mu_p, mu_q, M2_p, M2_q, C_pq]) - no atomics. The partial buffer is 20 bytes per class per chunk
+  (1-8% of bf16 logits for large N).
 * The autotuned parameters are CHUNKS_PER_PROGRAM (forward) / GROUPS_PER_PROGRAM (backward), i.e.
   how many consecutive chunks / groups one program walks through. They change neither
   the tile, nor the chunk boundaries, nor any summation order, so every config produces bitwise
@@ -60,10 +74,10 @@ Determinism and accuracy scheme
   mu = sum n_k mu_k / n, M2 = sum M2_k + sum n_k (mu_k - mu)^2, C_pq = sum C_k + sum n_k dp_k dq_k),
   records accumulated in a fixed [BLOCK_R, BLOCK_C] tile then reduced, so the order depends on
   (R, C) only. Column statistics are thus accurate for N up to many
-  millions of rows (fp32 error only within one chunk of <= 256 rows, fp64 beyond).
+  millions of rows (fp32 error only within one chunk of <= 2048 rows, fp64 beyond).
 * The backward has no cross-row reduction; its per-row sums use a fixed tile
-  [BWD_GROUP_ROWS, BLOCK_C], again a function of C only, so gradients are also identical across
-  configs.
+  [BWD_GROUP_ROWS, BLOCK_C] in the same layout, again a function of C only, so gradients are also
+  identical across configs.
 * ONE_IMAGE (a constexpr the launcher derives from the shape: H*W % GROUP_ROWS == 0, or one image)
   lets a group compute its image index once, so that NCHW loads are seen as contiguous along rows
   and coalesced; it depends on the shape only, never on the tuned parameters.
@@ -120,16 +134,30 @@ BWD_CONFIGS = tuple({"GROUPS_PER_PROGRAM": g, "num_stages": 1} for g in (1, 8))
 _FWD_DEFAULT = FWD_CONFIGS[0]
 _BWD_DEFAULT = BWD_CONFIGS[0]
 
+# Default epsilon of the row term's denominator D_i = ||a|| ||b|| + eps, the DIST definition's 1e-8;
+# fastdist.loss passes its own (fastdist.loss.stats.EPS) explicitly
+ROW_EPS = 1e-8
+
+# Largest C of the row layout (one row per thread, see ``tile_params``): its registers grow with C
+# (~7C in the forward, ~9C in the backward); at C = 24 the sm_90a forward spilled (fp32, records of
+# 2048 rows), up to 22 none does (tests/aot compiles C = 22). VOC's 21, Cityscapes' 19, CamVid's 11.
+_ROW_LAYOUT_MAX_C = 22
+
 # Triton decides at decoration time whether kernels run in the interpreter.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
 def tile_params(C: int) -> dict:
-    """Fixed (never tuned) tile geometry for C classes: BLOCK_C, GROUP_ROWS, MERGE_GROUPS,
-    BWD_GROUP_ROWS, num_warps, maxnreg.
+    """Fixed (never tuned) tile geometry for C classes: BLOCK_C, ROW_LAYOUT, GROUP_ROWS, MERGE_GROUPS,
+    BWD_GROUP_ROWS, num_warps, maxnreg (forward) and bwd_maxnreg.
 
-    About 4 fp32 elements of a [GROUP_ROWS, BLOCK_C] tile per thread (forward and backward), so that
-    the live tiles fit in 128 registers without spilling (checked by tests/aot for sm_80 / sm_90).
+    C <= 22 (the segmentation recipes: 19, 21, 11 classes): the *row layout*, one logits row per
+    thread with all of its classes in that thread's registers (64-row groups, 2 warps). Row
+    reductions stay inside a thread, padded classes are compile-time constants that fold away (C is a
+    constexpr), and the forward accumulates column statistics per thread, reducing them across the
+    program once per record (2048 rows for large N). Larger C: a [GROUP_ROWS, BLOCK_C] tile with the
+    classes spread over threads, about 4 fp32 elements per thread (row reductions are shuffles).
+    Both fit their register budget without spilling (checked by tests/aot for sm_80 / sm_90).
     """
     if C < 2:
         raise ValueError(f"DIST loss needs at least 2 classes, got C={C}")
@@ -137,6 +165,14 @@ def tile_params(C: int) -> dict:
         raise ValueError(f"fused DIST kernels support at most C={MAX_C} classes, got C={C}; "
                          "use the torch backend")
     block_c = max(2, triton.next_power_of_2(C))
+    if C <= _ROW_LAYOUT_MAX_C:
+        # registers per thread: 5 column accumulators and both rows' exps per class (forward), the
+        # rows and 4 coefficients per class (backward); 200 / 232 registers: no spill for C <= 22
+        # (tests/aot; at 168 the sm_90a forward spilled to the stack). 2 warps: 64-row groups, so
+        # 16k rows still give 256 programs; records of up to 32 groups (2048 rows) amortise the
+        # once-per-record reduction across threads (~2300 warp-instructions per warp, sm_90a).
+        return {"BLOCK_C": block_c, "ROW_LAYOUT": True, "GROUP_ROWS": 64, "MERGE_GROUPS": 32,
+                "BWD_GROUP_ROWS": 64, "num_warps": 2, "maxnreg": 200, "bwd_maxnreg": 232}
     if block_c <= 256:
         num_warps = 4
     elif block_c <= 1024:
@@ -153,8 +189,8 @@ def tile_params(C: int) -> dict:
     # An explicit register budget: without .maxnreg, ptxas (CUDA 12.8) capped some forward variants
     # at 80 registers and spilled a few bytes although more registers were free. 128 keeps at least
     # 16 warps per SM resident.
-    return {"BLOCK_C": block_c, "GROUP_ROWS": group_rows, "MERGE_GROUPS": merge_groups,
-            "BWD_GROUP_ROWS": group_rows, "num_warps": num_warps, "maxnreg": 128}
+    return {"BLOCK_C": block_c, "ROW_LAYOUT": False, "GROUP_ROWS": group_rows, "MERGE_GROUPS": merge_groups,
+            "BWD_GROUP_ROWS": group_rows, "num_warps": num_warps, "maxnreg": 128, "bwd_maxnreg": 128}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,33 +199,49 @@ def tile_params(C: int) -> dict:
 
 
 @triton.jit
-def _row_softmax(
+def _row_exp(
     ptr,  # logits base pointer (any float dtype)
     row_base,  # [GROUP_ROWS] int64 element offset of each row (b*stride_b + hw*stride_hw)
-    row_ok,  # [GROUP_ROWS] bool, row < N
+    row_ok,  # [GROUP_ROWS] bool, row < N (ignored with ROW_LAYOUT: the rows are clamped in range)
     cols,  # [BLOCK_C] int32 class index
-    col_ok,  # [BLOCK_C] bool, class < C
     stride_c,  # element stride between classes
     x_scale,  # log2(e) / tau (fp32, from the host): the softmax runs in base 2 (exp2)
+    C: tl.constexpr,  # number of classes
+    ROW_LAYOUT: tl.constexpr,  # one row per thread (see tile_params)
 ):
-    offs = row_base[:, None] + cols[None, :].to(tl.int64) * stride_c  # [GROUP_ROWS, BLOCK_C]
-    ld_ok = row_ok[:, None] & col_ok[None, :]  # [GROUP_ROWS, BLOCK_C]
-    # x * log2(e) / tau: one multiply per element instead of a division
-    x = tl.load(ptr + offs, mask=ld_ok, other=0.0).to(tl.float32) * x_scale  # [GROUP_ROWS, BLOCK_C]
-    # padded classes -> -inf so that they get probability exactly 0; padded rows stay finite (0)
+    col_ok = cols < C  # [BLOCK_C]
+    if ROW_LAYOUT:
+        # clamped class index instead of a mask: every load is in bounds (the rows are clamped by
+        # _row_index), so no predicate is built, and the padded classes' loads, never used, are dead
+        # code; contiguity 1 keeps the coalescer from vectorising along rows or classes, which would
+        # spread one row over several threads
+        offs = row_base[:, None] + tl.minimum(cols, C - 1)[None, :].to(tl.int64) * stride_c
+        offs = tl.max_contiguous(offs, [1, 1])  # [GROUP_ROWS, BLOCK_C]
+        x = tl.load(ptr + offs).to(tl.float32)  # [GROUP_ROWS, BLOCK_C]
+    else:
+        offs = row_base[:, None] + cols[None, :].to(tl.int64) * stride_c  # [GROUP_ROWS, BLOCK_C]
+        ld_ok = row_ok[:, None] & col_ok[None, :]  # [GROUP_ROWS, BLOCK_C]
+        x = tl.load(ptr + offs, mask=ld_ok, other=0.0).to(tl.float32)  # [GROUP_ROWS, BLOCK_C]
+    # padded classes -> -inf and probability exactly 0 (with C a constexpr and a row per thread,
+    # these are compile-time constants); padded rows stay finite
     x = tl.where(col_ok[None, :], x, float("-inf"))  # [GROUP_ROWS, BLOCK_C]
-    x_max = tl.max(x, axis=1)  # [GROUP_ROWS]
-    e = tl.exp2(x - x_max[:, None])  # [GROUP_ROWS, BLOCK_C] = exp((s - max s) / tau)
-    inv_sum = 1.0 / tl.sum(e, axis=1)  # [GROUP_ROWS]: one reciprocal per row, not a division per element
-    return e * inv_sum[:, None]  # [GROUP_ROWS, BLOCK_C]
+    # max of the raw logits (x_scale > 0): exp2(x * x_scale - max * x_scale) is one FMA per element
+    x_max = tl.max(x, axis=1) * x_scale  # [GROUP_ROWS]
+    # [GROUP_ROWS, BLOCK_C] = exp((s - max s) / tau)
+    e = tl.where(col_ok[None, :], tl.exp2(x * x_scale - x_max[:, None]), 0.0)
+    sum_e = tl.sum(e, axis=1)  # [GROUP_ROWS], >= 1
+    # softmax p = e * inv_sum: one approximate reciprocal per row, not a division per element
+    return e, sum_e, tl.fdiv(1.0, sum_e)  # [GROUP_ROWS, BLOCK_C], [GROUP_ROWS], [GROUP_ROWS]
 
 
 @triton.jit
 def _row_index(
     first_row,  # int32 scalar: first row of the group
     r_off,  # [GROUP_ROWS] int32: 0 .. GROUP_ROWS-1
+    N,  # number of rows
     HW,  # rows per image
     ONE_IMAGE: tl.constexpr,  # no group straddles two images (HW % GROUP_ROWS == 0, or one image)
+    ROW_LAYOUT: tl.constexpr,  # clamp the rows into [0, N): loads without masks
 ):
     # Row indices are int32 (the launcher checks N < 2^31 - 2^20): a 64-bit division would be a
     # call to an emulation routine, whose ABI spills registers. Offsets are formed in int64 later.
@@ -197,22 +249,81 @@ def _row_index(
     if ONE_IMAGE:
         # image index is a scalar and hw = scalar + arange: the compiler sees rows that are
         # contiguous in memory for NCHW input (row stride 1) and coalesces the loads along rows
-        b_idx = first_row // HW
-        hw_idx = (first_row - b_idx * HW) + r_off  # [GROUP_ROWS]
+        first = first_row
+        if ROW_LAYOUT:  # rows past N read row N-1 (a group past N: the last row of the last image)
+            first = tl.minimum(first_row, N - 1)
+        b_idx = first // HW
+        hw_idx = (first - b_idx * HW) + r_off  # [GROUP_ROWS]
+        if ROW_LAYOUT:
+            hw_idx = tl.minimum(hw_idx, HW - 1)
     else:
-        b_idx = rows // HW  # [GROUP_ROWS]
-        hw_idx = rows - b_idx * HW  # [GROUP_ROWS]
+        in_range = rows
+        if ROW_LAYOUT:
+            in_range = tl.minimum(rows, N - 1)
+        b_idx = in_range // HW  # [GROUP_ROWS]
+        hw_idx = in_range - b_idx * HW  # [GROUP_ROWS]
     return rows, b_idx.to(tl.int64), hw_idx.to(tl.int64)
 
 
 @triton.jit
-def _row_center(
-    p,  # [GROUP_ROWS, BLOCK_C] probabilities (0 on padded classes)
-    col_ok,  # [BLOCK_C] bool, class < C
-    C,  # number of classes
+def _row_pearson(
+    e_s,  # [GROUP_ROWS, BLOCK_C] student exp (0 on padded classes), p = e_s * inv_s
+    sum_s,  # [GROUP_ROWS] row sum of e_s
+    inv_s,  # [GROUP_ROWS] 1 / sum_s
+    e_t,  # [GROUP_ROWS, BLOCK_C] teacher exp, q = e_t * inv_t
+    sum_t,  # [GROUP_ROWS] row sum of e_t
+    inv_t,  # [GROUP_ROWS] 1 / sum_t
+    cols,  # [BLOCK_C] int32 class index
+    eps,  # epsilon of the row term's denominator D_i = ||a|| ||b|| + eps (fastdist.loss.stats.EPS)
+    C: tl.constexpr,  # number of classes
 ):
-    mean = tl.sum(p, axis=1) / C  # [GROUP_ROWS]
-    return tl.where(col_ok[None, :], p - mean[:, None], 0.0)  # [GROUP_ROWS, BLOCK_C]
+    """(ea, eb, <a, b>, ||a||, ||b||, 1 / (||a|| ||b|| + eps)) of each row, with a = p - mean(p) =
+    inv_s * ea and b = q - mean(q) = inv_t * eb: the rows are centred before normalisation (one FMA
+    per element) and the per-row factors applied to the three sums."""
+    col_ok = (cols < C)[None, :]  # [1, BLOCK_C]
+    ea = tl.where(col_ok, e_s - (sum_s * (1.0 / C))[:, None], 0.0)  # [GROUP_ROWS, BLOCK_C]
+    eb = tl.where(col_ok, e_t - (sum_t * (1.0 / C))[:, None], 0.0)  # [GROUP_ROWS, BLOCK_C]
+    ab = tl.sum(ea * eb, axis=1) * (inv_s * inv_t)  # [GROUP_ROWS]
+    na = tl.sqrt(tl.sum(ea * ea, axis=1)) * inv_s  # [GROUP_ROWS]
+    nb = tl.sqrt(tl.sum(eb * eb, axis=1)) * inv_t  # [GROUP_ROWS]
+    # approximate reciprocal: the denominator is >= eps (1e-8), far from the denormal range
+    return ea, eb, ab, na, nb, tl.fdiv(1.0, na * nb + eps)
+
+
+@triton.jit
+def _kept_rows(
+    m_ptr,  # keep-mask, uint8 (N,)
+    rows,  # [GROUP_ROWS] int32 row index (may be >= N)
+    N,  # number of rows
+    HAS_MASK: tl.constexpr,  # whether m_ptr is read
+):
+    kept = rows < N  # [GROUP_ROWS]
+    if HAS_MASK:
+        kept = kept & (tl.load(m_ptr + tl.minimum(rows, N - 1)) != 0)
+    return kept
+
+
+@triton.jit
+def _store_record(
+    row_part_ptr,  # out: float32 (num_chunks, 2) contiguous
+    col_part_ptr,  # out: float32 (num_chunks, 5, C) contiguous
+    chunk,  # int32 record index
+    num_chunks,  # number of records (programs past it store nothing)
+    cols,  # [BLOCK_C] int32 class index
+    sum_r, count,  # scalars: sum of r_i and kept rows of the chunk
+    mu_p, mu_q, m2_p, m2_q, c_pq,  # [BLOCK_C] column statistics of the chunk
+    C: tl.constexpr,  # number of classes
+):
+    rec_ok = chunk < num_chunks
+    tl.store(row_part_ptr + chunk * 2, sum_r, mask=rec_ok)
+    tl.store(row_part_ptr + chunk * 2 + 1, count, mask=rec_ok)
+    st_ok = (cols < C) & rec_ok  # [BLOCK_C]
+    rec = col_part_ptr + chunk.to(tl.int64) * 5 * C + cols  # [BLOCK_C] pointers
+    tl.store(rec, mu_p, mask=st_ok)
+    tl.store(rec + C, mu_q, mask=st_ok)
+    tl.store(rec + 2 * C, m2_p, mask=st_ok)
+    tl.store(rec + 3 * C, m2_q, mask=st_ok)
+    tl.store(rec + 4 * C, c_pq, mask=st_ok)
 
 
 @triton.jit
@@ -223,7 +334,6 @@ def _dist_fwd_kernel(
     row_part_ptr,  # out: float32 (num_chunks, 2) contiguous, per chunk [sum of r_i, kept rows]
     col_part_ptr,  # out: float32 (num_chunks, 5, C) contiguous, per chunk [mu_p, mu_q, M2_p, M2_q, C_pq]
     N,  # number of rows
-    C,  # number of classes
     HW,  # rows per image (H*W for 4-D input, N for 2-D input)
     s_sb,  # student stride between images (0 for 2-D)
     s_shw,  # student stride between consecutive rows of one image
@@ -232,17 +342,20 @@ def _dist_fwd_kernel(
     t_shw,  # teacher stride between consecutive rows of one image
     t_sc,  # teacher stride between classes
     x_scale,  # log2(e) / tau
+    eps,  # epsilon of the row term's denominator
     num_chunks,  # number of partial records = cdiv(N, GROUP_ROWS * MERGE_GROUPS)
+    C: tl.constexpr,  # number of classes
     BLOCK_C: tl.constexpr,  # next_power_of_2(C)
     GROUP_ROWS: tl.constexpr,  # rows per register tile (fixed by C)
-    MERGE_GROUPS: tl.constexpr,  # groups merged into one partial record (fixed by C)
+    MERGE_GROUPS: tl.constexpr,  # groups merged into one partial record (fixed by N, C)
     CHUNKS_PER_PROGRAM: tl.constexpr,  # tuned: consecutive chunks handled by one program
     HAS_MASK: tl.constexpr,  # whether m_ptr is read
     ONE_IMAGE: tl.constexpr,  # no group of GROUP_ROWS rows straddles two images
 ):
+    """Statistics kernel, tile layout (C > 22): each group's column statistics are reduced over
+    the tile (centred, two passes in registers) and Chan-merged into the chunk's running record."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    col_ok = cols < C  # [BLOCK_C]
     r_off = tl.arange(0, GROUP_ROWS)  # [GROUP_ROWS]
     for k in range(CHUNKS_PER_PROGRAM):
         chunk = pid * CHUNKS_PER_PROGRAM + k
@@ -256,21 +369,17 @@ def _dist_fwd_kernel(
         run_cpq = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
         for g in range(MERGE_GROUPS):
             first_row = (chunk * MERGE_GROUPS + g) * GROUP_ROWS
-            rows, b_idx, hw_idx = _row_index(first_row, r_off, HW, ONE_IMAGE)  # [GROUP_ROWS] each
+            rows, b_idx, hw_idx = _row_index(first_row, r_off, N, HW, ONE_IMAGE, False)  # [GROUP_ROWS] each
             row_ok = rows < N  # [GROUP_ROWS]
-            p = _row_softmax(s_ptr, b_idx * s_sb + hw_idx * s_shw, row_ok, cols, col_ok, s_sc, x_scale)
-            q = _row_softmax(t_ptr, b_idx * t_sb + hw_idx * t_shw, row_ok, cols, col_ok, t_sc, x_scale)
-            kept = row_ok  # [GROUP_ROWS]
-            if HAS_MASK:
-                kept = kept & (tl.load(m_ptr + rows, mask=row_ok, other=0) != 0)
-
-            # row Pearson terms
-            a = _row_center(p, col_ok, C)  # [GROUP_ROWS, BLOCK_C]
-            b = _row_center(q, col_ok, C)  # [GROUP_ROWS, BLOCK_C]
-            ab = tl.sum(a * b, axis=1)  # [GROUP_ROWS]
-            na = tl.sqrt(tl.sum(a * a, axis=1))  # [GROUP_ROWS]
-            nb = tl.sqrt(tl.sum(b * b, axis=1))  # [GROUP_ROWS]
-            r = tl.where(kept, ab / (na * nb + 1e-8), 0.0)  # [GROUP_ROWS]
+            s_row = b_idx * s_sb + hw_idx * s_shw  # [GROUP_ROWS] element offset of each row
+            t_row = b_idx * t_sb + hw_idx * t_shw  # [GROUP_ROWS]
+            e_s, sum_s, inv_s = _row_exp(s_ptr, s_row, row_ok, cols, s_sc, x_scale, C, False)
+            e_t, sum_t, inv_t = _row_exp(t_ptr, t_row, row_ok, cols, t_sc, x_scale, C, False)
+            kept = _kept_rows(m_ptr, rows, N, HAS_MASK)  # [GROUP_ROWS]
+            _ea, _eb, ab, na, nb, inv_d = _row_pearson(e_s, sum_s, inv_s, e_t, sum_t, inv_t, cols, eps, C)
+            r = tl.where(kept, ab * inv_d, 0.0)  # [GROUP_ROWS]
+            p = e_s * inv_s[:, None]  # [GROUP_ROWS, BLOCK_C]
+            q = e_t * inv_t[:, None]  # [GROUP_ROWS, BLOCK_C]
 
             # centred column statistics of this group (two passes over the tile in registers)
             n_g = tl.sum(kept.to(tl.float32), axis=0)
@@ -299,17 +408,101 @@ def _dist_fwd_kernel(
             run_cpq = run_cpq + cpq_g + del_p * del_q * cross
             run_n = n_new
             run_r = run_r + tl.sum(r, axis=0)
+        _store_record(row_part_ptr, col_part_ptr, chunk, num_chunks, cols, run_r, run_n,
+                      run_mp, run_mq, run_m2p, run_m2q, run_cpq, C)
 
-        rec_ok = chunk < num_chunks
-        tl.store(row_part_ptr + chunk * 2, run_r, mask=rec_ok)
-        tl.store(row_part_ptr + chunk * 2 + 1, run_n, mask=rec_ok)
-        st_ok = col_ok & rec_ok  # [BLOCK_C]
-        rec = col_part_ptr + chunk.to(tl.int64) * 5 * C + cols  # [BLOCK_C] pointers
-        tl.store(rec, run_mp, mask=st_ok)
-        tl.store(rec + C, run_mq, mask=st_ok)
-        tl.store(rec + 2 * C, run_m2p, mask=st_ok)
-        tl.store(rec + 3 * C, run_m2q, mask=st_ok)
-        tl.store(rec + 4 * C, run_cpq, mask=st_ok)
+
+@triton.jit
+def _dist_fwd_rows_kernel(
+    s_ptr,  # student logits, element (n, c) at b*s_sb + hw*s_shw + c*s_sc
+    t_ptr,  # teacher logits, element (n, c) at b*t_sb + hw*t_shw + c*t_sc
+    m_ptr,  # keep-mask, uint8 (N,) contiguous; only read when HAS_MASK
+    row_part_ptr,  # out: float32 (num_chunks, 2) contiguous, per chunk [sum of r_i, kept rows]
+    col_part_ptr,  # out: float32 (num_chunks, 5, C) contiguous, per chunk [mu_p, mu_q, M2_p, M2_q, C_pq]
+    N,  # number of rows
+    HW,  # rows per image (H*W for 4-D input, N for 2-D input)
+    s_sb,  # student stride between images (0 for 2-D)
+    s_shw,  # student stride between consecutive rows of one image
+    s_sc,  # student stride between classes
+    t_sb,  # teacher stride between images (0 for 2-D)
+    t_shw,  # teacher stride between consecutive rows of one image
+    t_sc,  # teacher stride between classes
+    x_scale,  # log2(e) / tau
+    eps,  # epsilon of the row term's denominator
+    num_chunks,  # number of partial records = cdiv(N, GROUP_ROWS * MERGE_GROUPS)
+    C: tl.constexpr,  # number of classes
+    BLOCK_C: tl.constexpr,  # next_power_of_2(C)
+    GROUP_ROWS: tl.constexpr,  # rows per register tile (fixed by C)
+    MERGE_GROUPS: tl.constexpr,  # groups merged into one partial record (fixed by N, C)
+    CHUNKS_PER_PROGRAM: tl.constexpr,  # tuned: consecutive chunks handled by one program
+    HAS_MASK: tl.constexpr,  # whether m_ptr is read
+    ONE_IMAGE: tl.constexpr,  # no group of GROUP_ROWS rows straddles two images
+):
+    """Statistics kernel, row layout (C <= 22): one row per thread. Each thread keeps Welford
+    statistics of the rows it sees (fp32, at most MERGE_GROUPS rows: the thread's rows of one
+    record); once per record the threads' statistics are merged across the program with the exact
+    multi-set Chan form (mu = sum n_t mu_t / n, M2 = sum M2_t + n_t (mu_t - mu)^2), a fixed tree."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    col_ok = cols < C  # [BLOCK_C]
+    r_off = tl.arange(0, GROUP_ROWS)  # [GROUP_ROWS]
+    for k in range(CHUNKS_PER_PROGRAM):
+        chunk = pid * CHUNKS_PER_PROGRAM + k
+        # per-thread running statistics (a thread owns row r_off of every group of the chunk)
+        n_t = tl.zeros([GROUP_ROWS], dtype=tl.float32)  # [GROUP_ROWS] kept rows seen
+        r_t = tl.zeros([GROUP_ROWS], dtype=tl.float32)  # [GROUP_ROWS] sum of r_i
+        mp = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C] mean of p
+        mq = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C] mean of q
+        m2p = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C]
+        m2q = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C]
+        cpq = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C]
+        for g in range(MERGE_GROUPS):
+            first_row = (chunk * MERGE_GROUPS + g) * GROUP_ROWS
+            rows, b_idx, hw_idx = _row_index(first_row, r_off, N, HW, ONE_IMAGE, True)  # [GROUP_ROWS] each
+            s_row = b_idx * s_sb + hw_idx * s_shw  # [GROUP_ROWS] element offset of each row
+            t_row = b_idx * t_sb + hw_idx * t_shw  # [GROUP_ROWS]
+            e_s, sum_s, inv_s = _row_exp(s_ptr, s_row, rows < N, cols, s_sc, x_scale, C, True)
+            e_t, sum_t, inv_t = _row_exp(t_ptr, t_row, rows < N, cols, t_sc, x_scale, C, True)
+            kept = _kept_rows(m_ptr, rows, N, HAS_MASK)  # [GROUP_ROWS]
+            _ea, _eb, ab, na, nb, inv_d = _row_pearson(e_s, sum_s, inv_s, e_t, sum_t, inv_t, cols, eps, C)
+            r_t += tl.where(kept, ab * inv_d, 0.0)
+            p = e_s * inv_s[:, None]  # [GROUP_ROWS, BLOCK_C]
+            q = e_t * inv_t[:, None]  # [GROUP_ROWS, BLOCK_C]
+
+            # Welford step of each thread's statistics with its row (weight 0 for a dropped row)
+            n_t += kept.to(tl.float32)
+            w = tl.where(kept, tl.fdiv(1.0, tl.maximum(n_t, 1.0)), 0.0)  # [GROUP_ROWS] 1/n
+            f = tl.where(kept, 1.0 - w, 0.0)  # [GROUP_ROWS] (n-1)/n
+            # where(), not a product with the 0/1 mask: masked rows may hold NaN/inf (NaN * 0 = NaN)
+            if HAS_MASK:
+                p = tl.where(kept[:, None], p, 0.0)  # [GROUP_ROWS, BLOCK_C]
+                q = tl.where(kept[:, None], q, 0.0)  # [GROUP_ROWS, BLOCK_C]
+            # without a mask, a dropped row (past N) is a copy of row N-1: finite unless the loss is NaN
+            # anyway, so its weights w = f = 0 alone leave the statistics unchanged
+            dp = p - mp  # [GROUP_ROWS, BLOCK_C]
+            dq = q - mq  # [GROUP_ROWS, BLOCK_C]
+            dp_f = dp * f[:, None]  # [GROUP_ROWS, BLOCK_C]
+            # where(col_ok): padded classes' statistics become the constant 0, so that their updates
+            # fold away (the compiler cannot prove that a loop-carried 0 + 0 * w stays 0)
+            mp = tl.where(col_ok[None, :], mp + dp * w[:, None], 0.0)
+            mq = tl.where(col_ok[None, :], mq + dq * w[:, None], 0.0)
+            m2p = tl.where(col_ok[None, :], m2p + dp_f * dp, 0.0)
+            cpq = tl.where(col_ok[None, :], cpq + dp_f * dq, 0.0)
+            m2q = tl.where(col_ok[None, :], m2q + dq * f[:, None] * dq, 0.0)
+
+        # merge the threads' statistics (fixed reduction tree of the layout)
+        count = tl.sum(n_t, axis=0)
+        inv_n = 1.0 / tl.maximum(count, 1.0)
+        mu_p = tl.sum(n_t[:, None] * mp, axis=0) * inv_n  # [BLOCK_C]
+        mu_q = tl.sum(n_t[:, None] * mq, axis=0) * inv_n  # [BLOCK_C]
+        dmp = mp - mu_p[None, :]  # [GROUP_ROWS, BLOCK_C]
+        dmq = mq - mu_q[None, :]  # [GROUP_ROWS, BLOCK_C]
+        n_dmp = n_t[:, None] * dmp  # [GROUP_ROWS, BLOCK_C]
+        m2_p = tl.sum(m2p + n_dmp * dmp, axis=0)  # [BLOCK_C]
+        m2_q = tl.sum(m2q + n_t[:, None] * dmq * dmq, axis=0)  # [BLOCK_C]
+        c_pq = tl.sum(cpq + n_dmp * dmq, axis=0)  # [BLOCK_C]
+        _store_record(row_part_ptr, col_part_ptr, chunk, num_chunks, cols, tl.sum(r_t, axis=0), count,
+                      mu_p, mu_q, m2_p, m2_q, c_pq, C)
 
 
 @triton.jit
@@ -323,7 +516,6 @@ def _dist_bwd_kernel(
     row_coef_ptr,  # float32 (1,): [w_row]
     grad_out_ptr,  # float32 0-d: upstream gradient of the loss
     N,  # number of rows
-    C,  # number of classes
     HW,  # rows per image (H*W for 4-D input, N for 2-D input)
     s_sb,  # student stride between images (0 for 2-D)
     s_shw,  # student stride between consecutive rows of one image
@@ -338,7 +530,9 @@ def _dist_bwd_kernel(
     dt_shw,  # dT stride between consecutive rows of one image
     dt_sc,  # dT stride between classes
     x_scale,  # log2(e) / tau
+    eps,  # epsilon of the row term's denominator
     inv_tau,  # 1 / tau
+    C: tl.constexpr,  # number of classes
     BLOCK_C: tl.constexpr,  # next_power_of_2(C)
     GROUP_ROWS: tl.constexpr,  # rows per register tile (fixed by C)
     GROUPS_PER_PROGRAM: tl.constexpr,  # tuned: consecutive groups handled by one program
@@ -346,6 +540,7 @@ def _dist_bwd_kernel(
     NEED_S: tl.constexpr,  # write dL/dS
     NEED_T: tl.constexpr,  # write dL/dT
     ONE_IMAGE: tl.constexpr,  # no group of GROUP_ROWS rows straddles two images
+    ROW_LAYOUT: tl.constexpr,  # one row per thread (C <= 22, see tile_params)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)  # [BLOCK_C]
@@ -360,43 +555,46 @@ def _dist_bwd_kernel(
     k_at = tl.load(col_coef_ptr + 4 * C + cols, mask=col_ok & NEED_T, other=0.0)  # [BLOCK_C]
     for g in range(GROUPS_PER_PROGRAM):
         first_row = (pid * GROUPS_PER_PROGRAM + g) * GROUP_ROWS
-        rows, b_idx, hw_idx = _row_index(first_row, r_off, HW, ONE_IMAGE)  # [GROUP_ROWS] each
+        rows, b_idx, hw_idx = _row_index(first_row, r_off, N, HW, ONE_IMAGE, ROW_LAYOUT)  # [GROUP_ROWS] each
         row_ok = rows < N  # [GROUP_ROWS]
-        p = _row_softmax(s_ptr, b_idx * s_sb + hw_idx * s_shw, row_ok, cols, col_ok, s_sc, x_scale)
-        q = _row_softmax(t_ptr, b_idx * t_sb + hw_idx * t_shw, row_ok, cols, col_ok, t_sc, x_scale)
-        kept = row_ok  # [GROUP_ROWS]
-        if HAS_MASK:
-            kept = kept & (tl.load(m_ptr + rows, mask=row_ok, other=0) != 0)
+        s_row = b_idx * s_sb + hw_idx * s_shw  # [GROUP_ROWS] element offset of each row
+        t_row = b_idx * t_sb + hw_idx * t_shw  # [GROUP_ROWS]
+        e_s, sum_s, inv_s = _row_exp(s_ptr, s_row, row_ok, cols, s_sc, x_scale, C, ROW_LAYOUT)
+        e_t, sum_t, inv_t = _row_exp(t_ptr, t_row, row_ok, cols, t_sc, x_scale, C, ROW_LAYOUT)
+        kept = _kept_rows(m_ptr, rows, N, HAS_MASK)  # [GROUP_ROWS]
         st_ok = row_ok[:, None] & col_ok[None, :]  # [GROUP_ROWS, BLOCK_C]
 
-        a = _row_center(p, col_ok, C)  # [GROUP_ROWS, BLOCK_C]
-        b = _row_center(q, col_ok, C)  # [GROUP_ROWS, BLOCK_C]
-        ab = tl.sum(a * b, axis=1)  # [GROUP_ROWS]
-        na = tl.sqrt(tl.sum(a * a, axis=1))  # [GROUP_ROWS]
-        nb = tl.sqrt(tl.sum(b * b, axis=1))  # [GROUP_ROWS]
-        inv_d = 1.0 / (na * nb + 1e-8)  # [GROUP_ROWS]
+        ea, eb, ab, na, nb, inv_d = _row_pearson(e_s, sum_s, inv_s, e_t, sum_t, inv_t, cols, eps, C)
+        p = e_s * inv_s[:, None]  # [GROUP_ROWS, BLOCK_C]
+        q = e_t * inv_t[:, None]  # [GROUP_ROWS, BLOCK_C]
         big_a = tl.where(col_ok[None, :], p - mu_p[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
         big_b = tl.where(col_ok[None, :], q - mu_q[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
+        ab_d2 = ab * inv_d * inv_d  # [GROUP_ROWS]
 
         if NEED_S:
             # [GROUP_ROWS]; 0 where ||a|| = 0 (the inner where keeps the discarded branch finite)
-            c_a = tl.where(na > 0.0, ab * nb * inv_d * inv_d / tl.where(na > 0.0, na, 1.0), 0.0)
-            gs = (w_row * (b * inv_d[:, None] - c_a[:, None] * a)
+            c_a = tl.where(na > 0.0, tl.fdiv(ab_d2 * nb, tl.where(na > 0.0, na, 1.0)), 0.0)
+            # w_row * (b / D - c_a * a) with a = inv_s * ea, b = inv_t * eb: per-row factors
+            gs = (eb * (w_row * inv_t * inv_d)[:, None] - ea * (w_row * c_a * inv_s)[:, None]
                   + k_b[None, :] * big_b - k_as[None, :] * big_a)  # [GROUP_ROWS, BLOCK_C]
             pg = tl.sum(p * gs, axis=1)  # [GROUP_ROWS]
             ds = tl.where(kept[:, None], scale * p * (gs - pg[:, None]), 0.0)  # [GROUP_ROWS, BLOCK_C]
             ds_offs = ((b_idx * ds_sb + hw_idx * ds_shw)[:, None]
                        + cols[None, :].to(tl.int64) * ds_sc)  # [GROUP_ROWS, BLOCK_C]
+            if ROW_LAYOUT:  # store in the row layout too (no conversion through shared memory)
+                ds_offs = tl.max_contiguous(ds_offs, [1, 1])
             tl.store(ds_ptr + ds_offs, ds.to(ds_ptr.dtype.element_ty), mask=st_ok)
         if NEED_T:
             # [GROUP_ROWS]; 0 where ||b|| = 0
-            c_b = tl.where(nb > 0.0, ab * na * inv_d * inv_d / tl.where(nb > 0.0, nb, 1.0), 0.0)
-            ht = (w_row * (a * inv_d[:, None] - c_b[:, None] * b)
+            c_b = tl.where(nb > 0.0, tl.fdiv(ab_d2 * na, tl.where(nb > 0.0, nb, 1.0)), 0.0)
+            ht = (ea * (w_row * inv_s * inv_d)[:, None] - eb * (w_row * c_b * inv_t)[:, None]
                   + k_b[None, :] * big_a - k_at[None, :] * big_b)  # [GROUP_ROWS, BLOCK_C]
             qh = tl.sum(q * ht, axis=1)  # [GROUP_ROWS]
             dt = tl.where(kept[:, None], scale * q * (ht - qh[:, None]), 0.0)  # [GROUP_ROWS, BLOCK_C]
             dt_offs = ((b_idx * dt_sb + hw_idx * dt_shw)[:, None]
                        + cols[None, :].to(tl.int64) * dt_sc)  # [GROUP_ROWS, BLOCK_C]
+            if ROW_LAYOUT:
+                dt_offs = tl.max_contiguous(dt_offs, [1, 1])
             tl.store(dt_ptr + dt_offs, dt.to(dt_ptr.dtype.element_ty), mask=st_ok)
 
 
@@ -685,12 +883,18 @@ def _layout_key(strides: tuple[int, int, int]) -> str:
     return "c1" if strides[2] == 1 else ("hw1" if strides[1] == 1 else "gen")
 
 
+def _fwd_kernel(tp: dict):
+    """The statistics kernel of a tile geometry: row layout (C <= 22) or tile layout."""
+    return _dist_fwd_rows_kernel if tp["ROW_LAYOUT"] else _dist_fwd_kernel
+
+
 def dist_forward_records(
     student: torch.Tensor,
     teacher: torch.Tensor,
     tau: float,
     mask: torch.Tensor | None = None,
     config: dict | None = None,
+    eps: float = ROW_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-chunk statistics records of one forward pass (the statistics kernel only, one launch).
 
@@ -707,12 +911,14 @@ def dist_forward_records(
         return row_part, col_part
     m_arg = m if m is not None else row_part  # never read when HAS_MASK is False
 
+    kernel = _fwd_kernel(tp)
+
     def launch(cfg: dict) -> None:
         cpp = cfg["CHUNKS_PER_PROGRAM"]
         grid = (_cdiv(num_chunks, cpp),)
-        _dist_fwd_kernel[grid](
-            s, t, m_arg, row_part, col_part, n, C, hw, *s_str, *t_str, _x_scale(tau), num_chunks,
-            BLOCK_C=tp["BLOCK_C"], GROUP_ROWS=tp["GROUP_ROWS"], MERGE_GROUPS=merge,
+        kernel[grid](
+            s, t, m_arg, row_part, col_part, n, hw, *s_str, *t_str, _x_scale(tau), float(eps), num_chunks,
+            C=C, BLOCK_C=tp["BLOCK_C"], GROUP_ROWS=tp["GROUP_ROWS"], MERGE_GROUPS=merge,
             CHUNKS_PER_PROGRAM=cpp, HAS_MASK=m is not None, ONE_IMAGE=_one_image(n, hw, tp["GROUP_ROWS"]),
             num_warps=tp["num_warps"], num_stages=cfg["num_stages"], maxnreg=tp["maxnreg"],
         )
@@ -795,13 +1001,14 @@ def dist_forward_stats(
     tau: float,
     mask: torch.Tensor | None = None,
     config: dict | None = None,
+    eps: float = ROW_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DIST statistics of one forward pass (see module docstring); two launches.
 
     Returns row_stats float64 (2,) = [sum_i r_i, M] and col_stats float64 (5, C) =
     [mu_p, mu_q, M2_p, M2_q, C_pq] over the kept rows. `config` forces one of FWD_CONFIGS.
     """
-    return dist_merge_records(*dist_forward_records(student, teacher, tau, mask, config))
+    return dist_merge_records(*dist_forward_records(student, teacher, tau, mask, config, eps))
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -831,6 +1038,7 @@ def dist_backward(
     need_student: bool = True,
     need_teacher: bool = False,
     config: dict | None = None,
+    eps: float = ROW_EPS,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Closed-form DIST gradients (see module docstring) in the inputs' dtype, shape and strides.
 
@@ -862,12 +1070,12 @@ def dist_backward(
             gpp = cfg["GROUPS_PER_PROGRAM"]
             grid = (_cdiv(num_groups, gpp),)
             _dist_bwd_kernel[grid](
-                s, t, m_arg, ds_arg, dt_arg, col_coef, row_coef, grad_out, n, C, hw,
-                *s_str, *t_str, *ds_str, *dt_str, _x_scale(tau), 1.0 / float(tau),
-                BLOCK_C=tp["BLOCK_C"], GROUP_ROWS=tp["BWD_GROUP_ROWS"], GROUPS_PER_PROGRAM=gpp,
+                s, t, m_arg, ds_arg, dt_arg, col_coef, row_coef, grad_out, n, hw,
+                *s_str, *t_str, *ds_str, *dt_str, _x_scale(tau), float(eps), 1.0 / float(tau),
+                C=C, BLOCK_C=tp["BLOCK_C"], GROUP_ROWS=tp["BWD_GROUP_ROWS"], GROUPS_PER_PROGRAM=gpp,
                 HAS_MASK=m is not None, NEED_S=bool(need_student), NEED_T=bool(need_teacher),
-                ONE_IMAGE=_one_image(n, hw, tp["BWD_GROUP_ROWS"]),
-                num_warps=tp["num_warps"], num_stages=cfg["num_stages"], maxnreg=tp["maxnreg"],
+                ONE_IMAGE=_one_image(n, hw, tp["BWD_GROUP_ROWS"]), ROW_LAYOUT=tp["ROW_LAYOUT"],
+                num_warps=tp["num_warps"], num_stages=cfg["num_stages"], maxnreg=tp["bwd_maxnreg"],
             )
 
         with _on_device(s.device):
@@ -967,14 +1175,14 @@ def _fwd_spec(C, s_dt, t_dt, layout, shape, has_mask, one_image, cfg, aligned) -
     merge = _merge_groups(n, tp)
     num_chunks = triton.cdiv(n, tp["GROUP_ROWS"] * merge)
     args = {"s_ptr": s_dt, "t_ptr": t_dt, "m_ptr": torch.uint8 if has_mask else torch.float32,
-            "row_part_ptr": torch.float32, "col_part_ptr": torch.float32, "N": n, "C": C, "HW": hw,
+            "row_part_ptr": torch.float32, "col_part_ptr": torch.float32, "N": n, "HW": hw,
             **dict(zip(("s_sb", "s_shw", "s_sc"), s_str, strict=True)),
             **dict(zip(("t_sb", "t_shw", "t_sc"), s_str, strict=True)),
-            "x_scale": 1.0, "num_chunks": num_chunks}
-    const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["GROUP_ROWS"], "MERGE_GROUPS": merge,
+            "x_scale": 1.0, "eps": 1.0, "num_chunks": num_chunks}
+    const = {"C": C, "BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["GROUP_ROWS"], "MERGE_GROUPS": merge,
              "CHUNKS_PER_PROGRAM": cfg["CHUNKS_PER_PROGRAM"], "HAS_MASK": has_mask, "ONE_IMAGE": one_image}
     launch = {"num_warps": tp["num_warps"], "num_stages": cfg["num_stages"], "maxnreg": tp["maxnreg"]}
-    return _make_spec(_dist_fwd_kernel, "fwd", args, const, launch, _meta(C, s_dt, layout), aligned)
+    return _make_spec(_fwd_kernel(tp), "fwd", args, const, launch, _meta(C, s_dt, layout), aligned)
 
 
 def _bwd_spec(C, s_dt, t_dt, layout, shape, has_mask, need_s, need_t, one_image, cfg, aligned) -> dict:
@@ -984,13 +1192,13 @@ def _bwd_spec(C, s_dt, t_dt, layout, shape, has_mask, need_s, need_t, one_image,
     args = {"s_ptr": s_dt, "t_ptr": t_dt, "m_ptr": torch.uint8 if has_mask else torch.float32,
             "ds_ptr": s_dt if need_s else t_dt, "dt_ptr": t_dt if need_t else s_dt,
             "col_coef_ptr": torch.float32, "row_coef_ptr": torch.float32, "grad_out_ptr": torch.float32,
-            "N": n, "C": C, "HW": hw, "x_scale": 1.0, "inv_tau": 1.0}
+            "N": n, "HW": hw, "x_scale": 1.0, "eps": 1.0, "inv_tau": 1.0}
     for pre in ("s", "t", "ds", "dt"):
         args.update(zip((f"{pre}_sb", f"{pre}_shw", f"{pre}_sc"), strides, strict=True))
-    const = {"BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["BWD_GROUP_ROWS"],
+    const = {"C": C, "BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["BWD_GROUP_ROWS"],
              "GROUPS_PER_PROGRAM": cfg["GROUPS_PER_PROGRAM"], "HAS_MASK": has_mask, "NEED_S": need_s,
-             "NEED_T": need_t, "ONE_IMAGE": one_image}
-    launch = {"num_warps": tp["num_warps"], "num_stages": cfg["num_stages"], "maxnreg": tp["maxnreg"]}
+             "NEED_T": need_t, "ONE_IMAGE": one_image, "ROW_LAYOUT": tp["ROW_LAYOUT"]}
+    launch = {"num_warps": tp["num_warps"], "num_stages": cfg["num_stages"], "maxnreg": tp["bwd_maxnreg"]}
     return _make_spec(_dist_bwd_kernel, "bwd", args, const, launch, _meta(C, s_dt, layout), aligned)
 
 
@@ -1017,14 +1225,14 @@ def _meta(C: int, s_dt: torch.dtype, layout: str) -> dict:
     return {"C": C, "dtype": str(s_dt).removeprefix("torch."), "layout": layout}
 
 
-def report_specs(C: int, dtype: torch.dtype, layout: str) -> list[dict]:
+def report_specs(C: int, dtype: torch.dtype, layout: str, shape: tuple[int, ...] | None = None) -> list[dict]:
     """The kernels one default forward+backward launches for student and teacher of `dtype`, dense
     `layout` ("nchw", "nhwc", "2d"), no mask, student gradient only: [fwd, finalize, bwd], with the
-    run-time specialisation (constexprs, signature, divisibility hints) of the shape
-    (2, C, 64, 128) (4-D) or (16384, C) ("2d"), i.e. H*W and N multiples of 16."""
+    run-time specialisation (constexprs, signature, divisibility hints) of `shape` (default
+    (2, C, 64, 128) for 4-D layouts, (16384, C) for "2d"; H*W and N multiples of 16)."""
     if layout not in ("nchw", "nhwc", "2d"):
         raise ValueError(f"layout must be 'nchw', 'nhwc' or '2d', got {layout!r}")
-    shape = _spec_shape(layout, C)
+    shape = _spec_shape(layout, C) if shape is None else tuple(shape)
     one_image = _one_image(*_layout_strides(layout, C, shape)[:2], tile_params(C)["GROUP_ROWS"])
     return [_fwd_spec(C, dtype, dtype, layout, shape, False, one_image, _FWD_DEFAULT, True),
             _finalize_spec(C, dtype, layout, shape, True, torch.float32, True),

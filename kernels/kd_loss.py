@@ -225,8 +225,9 @@ def _spec(C: int, s_dt: torch.dtype, t_dt: torch.dtype, layout: str, gpp: int, h
             "loss": "kd", "kernel": "fwd_bwd", "layout": layout, "C": C, "dtype": str(s_dt).split(".")[-1]}
 
 
-def report_specs(C: int, dtype: torch.dtype, layout: str) -> list[dict]:
-    """The one kernel a forward+backward launches (no mask, dS only, default config); see the contract."""
+def report_specs(C: int, dtype: torch.dtype, layout: str, shape: tuple[int, ...] | None = None) -> list[dict]:
+    """The one kernel a forward+backward launches (no mask, dS only, default config); see the contract.
+    The kernel's specialisation does not depend on `shape` (hints: H*W a multiple of 16)."""
     return [_spec(C, dtype, dtype, layout, _DEFAULT_GPP, False, True, False, aligned=True)]
 
 

@@ -67,17 +67,19 @@ def counter(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_forward_backward_launches(counter, layout):
+@pytest.mark.parametrize("C, fwd_kernel", [(19, "_dist_fwd_rows_kernel"), (150, "_dist_fwd_kernel")])
+def test_forward_backward_launches(counter, layout, C, fwd_kernel):
+    # C <= 32: the row-layout statistics kernel; larger C: the tile-layout one (same launch count)
     g = torch.Generator().manual_seed(0)
-    student = torch.randn(2, 19, 4, 6, generator=g)
-    teacher = torch.randn(2, 19, 4, 6, generator=g)
+    student = torch.randn(2, C, 4, 6, generator=g)
+    teacher = torch.randn(2, C, 4, 6, generator=g)
     if layout == "nhwc":
         student = student.to(memory_format=torch.channels_last)
     student.requires_grad_(True)
     with counter:
         loss = fastdist.dist_loss(student, teacher, backend="triton")
         loss.backward()
-    assert counter.launches == ["triton:_dist_fwd_kernel", "triton:_dist_finalize_kernel",
+    assert counter.launches == [f"triton:{fwd_kernel}", "triton:_dist_finalize_kernel",
                                 "aten.ones_like.default", "triton:_dist_bwd_kernel"], counter.launches
     assert student.grad is not None and torch.isfinite(student.grad).all()
 

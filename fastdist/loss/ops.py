@@ -64,7 +64,7 @@ def _triton_forward(
     """Statistics kernel, then the finalize kernel writing loss and coefficients (two launches, no
     torch op between). With ``intra_sync`` the per-rank records are first merged into one (one more
     launch) and all-gathered: the finalize then merges the W rank records in rank order."""
-    row_rec, col_rec = module.dist_forward_records(student, teacher, tau, mask)
+    row_rec, col_rec = module.dist_forward_records(student, teacher, tau, mask, eps=stats.EPS)
     world = 1
     if intra_sync:
         row_stats, col_stats = module.dist_merge_records(row_rec, col_rec)
@@ -123,8 +123,9 @@ def _backward(
     grad_out: Tensor, tau: float, backend: str, need_student: bool, need_teacher: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
     """(d_student | None, d_teacher | None): the body of both forms of the backward."""
+    eps = {"eps": stats.EPS} if backend == "triton" else {}  # the torch backend reads stats.EPS itself
     return _backend_module(backend, student.device.type).dist_backward(
-        student, teacher, tau, mask, col_coef, row_coef, grad_out, need_student, need_teacher
+        student, teacher, tau, mask, col_coef, row_coef, grad_out, need_student, need_teacher, **eps
     )
 
 

@@ -14,14 +14,9 @@ Two sets of statistics merge exactly (Chan et al.): with ``delta = mu_2 - mu_1``
     C_pq = C_1 + C_2 + delta_p * delta_q * n_1 * n_2 / n
 
 From the (possibly cross-rank merged) statistics, :func:`coefficients` gives the loss and the O(C)
-coefficients of the closed-form backward (see ``docs/design.md``)::
-
-    D_j  = sqrt(M2_p[j]) * sqrt(M2_q[j]) + 1e-8,      r_j = C_pq[j] / D_j
-    loss = tau^2 * (beta * (1 - sum_i r_i / M) + gamma * (1 - sum_j r_j / C))
-    k    = -tau^2 * gamma * W / C,   w_row = -tau^2 * beta * W / M
-    kB   = k / D_j,   kA_s = k * C_pq * nB / (nA * D_j^2),   kA_t = k * C_pq * nA / (nB * D_j^2)
-
-where ``nA = sqrt(M2_p)``, ``nB = sqrt(M2_q)`` and a term whose norm in the denominator is 0 is 0.
+coefficients ``[mu_p, mu_q, kB, kA_s, kA_t]`` and ``[w_row]`` of the closed-form backward; their
+formulas are in ``docs/design.md`` ("Statistics" and "Backward, closed form"), with ``EPS`` the
+epsilon of both Pearson denominators and a term whose norm in the denominator is 0 taken as 0.
 W is the number of ranks whose statistics were merged (1 without ``intra_sync``): DDP averages the
 gradients over W ranks, so the factor W makes the averaged gradient that of one process.
 """

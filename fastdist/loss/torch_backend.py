@@ -8,21 +8,15 @@ or channels-last) and ``x.t()[None]`` for 2-D ``(N, C)`` -- so row ``n = b * L +
 is dim 1. The rows are processed in pieces of about ``_PIECE_ELEMS / C`` rows to bound the
 temporaries; the math runs in float32 (float64 for float64 input).
 
-Forward, per piece (kept rows only, masked out with ``torch.where``, no host sync)::
+Forward, per piece (kept rows only, masked out with ``torch.where``, no host sync): the row Pearson
+terms and the column statistics of ``docs/design.md`` ("The DIST loss, in the form every backend
+computes it"); the r_i are summed in float64, the column mean, M2 and co-moment of the piece are
+computed in two passes (centred) and merged in float64 into the running statistics with the exact
+Chan merge (``stats.merge_stats``).
 
-    p = softmax(S / tau), q = softmax(T / tau)          over classes
-    a = p - mean_c(p), b = q - mean_c(q)                row-centred
-    r_i = <a_i, b_i> / (||a_i|| * ||b_i|| + 1e-8)       summed in float64
-    column mean, M2 and co-moment of the piece in two passes (centred), then merged in float64
-    into the running statistics with the exact Chan merge (``stats.merge_stats``).
-
-Backward, per piece, recomputing p, q, a, b (nothing N x C is saved)::
-
-    G = w_row * (b / D_i - <a,b> * ||b|| / (||a|| * D_i^2) * a) + kB * B - kA_s * A
-    H = w_row * (a / D_i - <a,b> * ||a|| / (||b|| * D_i^2) * b) + kB * A - kA_t * B
-    dS = grad_out / tau * p * (G - sum_c p * G),   dT likewise with q, H;   masked rows 0
-
-with ``A = p - mu_p``, ``B = q - mu_q`` from ``col_coef`` (global column means).
+Backward, per piece: the closed form of ``docs/design.md`` ("Backward, closed form"), recomputing
+p, q and the centred rows (nothing N x C is saved), with the global column means from ``col_coef``;
+masked rows get 0.
 """
 
 import os
