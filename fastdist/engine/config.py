@@ -429,8 +429,12 @@ def _paths_config(ns: argparse.Namespace, models: ModelConfig) -> PathsConfig:
                        wandb=ns.wandb)
 
 
-def build_config(ns: argparse.Namespace, command: str = "train.py") -> RunConfig:
+def build_config(ns: argparse.Namespace, command: str = "train.py",
+                 dataset_defaults: Sequence[str] = ()) -> RunConfig:
     """The `RunConfig` of parsed flags ``ns``: the device's defaults and every derived value filled in.
+
+    ``dataset_defaults`` names the `DATASET_RECIPE_FLAGS` whose values ``ns`` took from the dataset's
+    recipe (what `apply_dataset_recipe` returns; recorded in config.json).
 
     Reads nothing but the environment (``WORLD_SIZE``), CUDA's availability and the teacher weights'
     digest; the checks of names, files and data are `parse_config`'s.
@@ -443,7 +447,7 @@ def build_config(ns: argparse.Namespace, command: str = "train.py") -> RunConfig
         data=DataConfig(data=ns.data, data_root=os.path.realpath(ns.data), dataset=ns.dataset,
                         crop_size=(ns.crop_size[0], ns.crop_size[1]), workers=ns.workers,
                         loader=ns.loader or default_backend(runtime.device_type),
-                        dataset_defaults=tuple(getattr(ns, "dataset_defaults", ()))),
+                        dataset_defaults=tuple(dataset_defaults)),
         optim=OptimConfig(batch_size=ns.batch_size, batch_per_rank=batch_per_rank, lr=ns.lr,
                           momentum=ns.momentum, weight_decay=ns.weight_decay, optimizer=ns.optimizer,
                           seed=ns.seed),
@@ -524,19 +528,19 @@ def _default_val_batch(dataset: str, batch_per_rank: int) -> int:
     return 1 if get_dataset(dataset).varying_size else max(1, batch_per_rank)
 
 
-def apply_dataset_recipe(ns: argparse.Namespace, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Set the `DATASET_RECIPE_FLAGS` not given in ``argv`` to ``--dataset``'s recipe (in place; returns
-    ``ns``) and record which ones came from it (``ns.dataset_defaults``, saved in config.json)."""
+def apply_dataset_recipe(ns: argparse.Namespace, argv: Sequence[str] | None) -> tuple[str, ...]:
+    """Set the `DATASET_RECIPE_FLAGS` not given in ``argv`` to ``--dataset``'s recipe (in place) and
+    return their names (pass them to `build_config`, which records them in config.json)."""
     unset = object()  # a default no command line can produce: the flag was left out
     probe = build_parser()
     probe.set_defaults(**dict.fromkeys(DATASET_RECIPE_FLAGS, unset))
     given = vars(probe.parse_args(argv))
     recipe = get_dataset(ns.dataset).recipe
-    ns.dataset_defaults = [flag for flag in DATASET_RECIPE_FLAGS if given[flag] is unset]
-    for flag in ns.dataset_defaults:
+    defaults = tuple(flag for flag in DATASET_RECIPE_FLAGS if given[flag] is unset)
+    for flag in defaults:
         value = getattr(recipe, flag)
         setattr(ns, flag, list(value) if isinstance(value, tuple) else value)
-    return ns
+    return defaults
 
 
 def _check_numbers(cfg: RunConfig) -> None:
@@ -602,7 +606,9 @@ def parse_config(argv: Sequence[str] | None = None) -> RunConfig:
     """Parse, resolve and validate the command line; raises `ConfigError` (checks that take seconds at
     most: names, files, the dataset's pairs and file headers, the batch split, the resumed recipe)."""
     command = " ".join(["train.py", *(sys.argv[1:] if argv is None else argv)])
-    cfg = build_config(apply_dataset_recipe(build_parser().parse_args(argv), argv), command)
+    ns = build_parser().parse_args(argv)
+    recipe_defaults = apply_dataset_recipe(ns, argv)
+    cfg = build_config(ns, command, dataset_defaults=recipe_defaults)
     _check_numbers(cfg)
     _check_features(cfg)
     _check_models(cfg.model)
