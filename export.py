@@ -2,10 +2,11 @@
 
     python export.py --model psp_mobile --backbone mobilenetv2 \\
         --pretrained runs/kd_psp_mobile_mobilenetv2/kd_psp_mobile_mobilenetv2_citys_best_model.pth \\
-        --onnx student.onnx [--size 512 1024]
+        --onnx student.onnx [--size 512 1024] [--dataset citys]
 
-The graph maps ``image`` (N, 3, H, W) float32 -- BGR pixels minus the Cityscapes mean, exactly what
-eval.py feeds the model -- to ``logits`` (N, 19, H, W) float32, upsampled to the input size
+The graph maps ``image`` (N, 3, H, W) float32 -- BGR pixels minus the loaders' mean (``MEAN_BGR``, the
+same for every dataset), exactly what eval.py feeds the model -- to ``logits`` (N, C, H, W) float32,
+C the ``--dataset``'s class count (19 for Cityscapes, 150 for ADE20K, ...), upsampled to the input size
 (bilinear, align_corners=True, as in evaluation). The batch dimension is dynamic; H and W are fixed
 to ``--size`` (the pyramid-pooling heads pool to fixed bins of the feature map). The exporter is
 torch's ``dynamo=True`` one at the installed torch's default opset. After writing, onnxruntime
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastdist.data.cityscapes import NUM_CLASSES
+from fastdist.data import DATASET_NAMES, get_dataset
 from fastdist.engine.inference import main_logits, upsample_logits
 from fastdist.engine.inference_cli import InferenceSetupError, build_inference_model
 
@@ -76,6 +77,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", required=True, help="resnet18 | resnet50 | resnet101 | mobilenetv2")
     p.add_argument("--pretrained", required=True, help="model checkpoint (e.g. the *_best_model.pth export)")
     p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.add_argument("--dataset", default="citys", choices=DATASET_NAMES,
+                   help="dataset the model was trained on: its class count (default: citys)")
     p.add_argument("--size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"), help="input size")
     p.add_argument("--atol", type=float, default=1e-3, help="largest accepted |onnxruntime - PyTorch|")
     return p.parse_args(argv)
@@ -90,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InferenceSetupError(f"needs {', '.join(missing)}: pip install -e \".[export]\"")
         if min(args.size) < 1:
             raise InferenceSetupError(f"--size must be positive, got {args.size}")
-        model = build_inference_model(args.model, args.backbone, args.pretrained, NUM_CLASSES)
+        model = build_inference_model(args.model, args.backbone, args.pretrained,
+                                      get_dataset(args.dataset).num_classes)
     except InferenceSetupError as exc:
         print(f"export.py: error: {exc}", file=sys.stderr)
         return 2

@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (names follow eval.py)."""
     p = argparse.ArgumentParser(description="Write label-id and colour predictions of a dataset's split.")
     add_inference_args(p)
-    p.add_argument("--save-dir", required=True, help="output folder (labelIds/ and color/ inside)")
+    p.add_argument("--save-dir", required=True, help="output folder: labelIds/ (citys) or labels/ (the other "
+                   "datasets; ids as the dataset stores them) and color/ inside")
     p.add_argument("--split", default=None, help="split to predict (default test, or the dataset's eval "
                                                   "split when it has no test split)")
     p.add_argument("--workers", "-j", type=int, default=4, help="threads decoding and writing PNGs")

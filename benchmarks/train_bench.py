@@ -430,7 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device, env, peak, out_dir, budget = common.run_context(args)
     fused_backend = "triton" if env["is_cuda"] else "torch"
     t_start = time.perf_counter()
-    args.backend_settings = configure_backends(device)
+    backend_settings = configure_backends(device)
     teacher, student = build_models(args, device)
     flops_first: int | None = None
     rows: list[dict[str, Any]] = []
@@ -450,18 +450,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             traceback.print_exc()
             rows.append({"config": cfg.name, "batch": batch, "status": common.error_status(exc)})
         release(device)
-        write_results(rows, env, args, out_dir, fused_backend, time.perf_counter() - t_start, final=False)
+        write_results(rows, env, args, out_dir, fused_backend, time.perf_counter() - t_start, final=False,
+                      backend_settings=backend_settings)
     skipped = [c for c in CONFIG_ORDER if c not in args.configs]
     rows += [{"config": c, "batch": args.batches[0], "status": "skipped: --quick" if args.quick else
               "skipped: not selected"} for c in skipped]
-    doc = write_results(rows, env, args, out_dir, fused_backend, time.perf_counter() - t_start, final=True)
+    doc = write_results(rows, env, args, out_dir, fused_backend, time.perf_counter() - t_start, final=True,
+                        backend_settings=backend_settings)
     print(f"[train_bench] wrote {out_dir}/train.json in {doc['config']['wall_s']:.1f}s")
     return doc
 
 
 def write_results(rows: list[dict[str, Any]], env: dict[str, Any], args: argparse.Namespace, out_dir: Path,
-                  fused_backend: str, wall_s: float, final: bool) -> dict[str, Any]:
-    """Add the speed-ups and write train.json."""
+                  fused_backend: str, wall_s: float, final: bool,
+                  backend_settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add the speed-ups and write train.json (``backend_settings``: what `configure_backends` set)."""
     add_speedups(rows)
     doc = {
         "benchmark": "train",
@@ -472,7 +475,7 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], args: argpars
                    "flops_counter": "torch.utils.flop_counter.FlopCounterMode",
                    "flops_counted_at_batch": args.batches[0], "multi_gpu": multi_gpu(),
                    "phases": list(PHASES), "profiled_step": args.profile,
-                   "backend_settings": args.backend_settings,
+                   "backend_settings": backend_settings,
                    "peak_used": "dense BF16 tensor-core peak", "complete": final, "wall_s": wall_s},
         "results": rows,
     }

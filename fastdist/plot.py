@@ -6,7 +6,8 @@
 
 Panels: task and KD loss (KD dashed), learning rate, val mIoU, one colour per run. With ``--data``, each
 run's best export (the reference file name in its save dir, see ``config.json``) predicts the first
-``--examples`` val images, drawn in the Cityscapes palette (ignore pixels black) below the curves.
+``--examples`` validation images of ``--data`` (a root of the runs' ``--dataset``, from ``config.json``),
+drawn in that dataset's palette (ignore pixels black) below the curves.
 Needs matplotlib (the ``dev`` extra).
 """
 
@@ -20,9 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-__all__ = ["colorize", "load_metrics", "main", "plot_runs", "predict_examples"]
+__all__ = ["colorize", "load_metrics", "main", "plot_runs", "predict_examples", "run_dataset"]
 
 
 def load_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
@@ -43,52 +43,75 @@ def load_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def colorize(train_ids: np.ndarray) -> np.ndarray:
-    """(H, W) train ids -> (H, W, 3) uint8 Cityscapes palette colours (anything else black)."""
-    from fastdist.data.cityscapes import PALETTE
+def colorize(train_ids: np.ndarray, palette: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """(H, W) train ids -> (H, W, 3) uint8 colours of ``palette`` (RGB per train id; default the
+    Cityscapes palette), anything else black."""
+    if palette is None:
+        from fastdist.data.cityscapes import PALETTE as palette
 
     table = np.zeros((256, 3), np.uint8)
-    table[: len(PALETTE)] = PALETTE
+    table[: len(palette)] = palette
     return table[train_ids.astype(np.uint8)]
 
 
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (is {run_dir} a train.py save dir?)")
+    return json.loads(path.read_text())
+
+
+def run_dataset(run_dir: str | os.PathLike) -> str:
+    """The ``--dataset`` a run trained on (its ``config.json``; runs from before ``--dataset``: citys)."""
+    return _run_config(Path(run_dir)).get("dataset", "citys")
+
+
 def _run_model(run_dir: Path) -> Any:
-    """The run's best (else final) reference export, loaded for inference."""
+    """The run's best (else final) reference export, loaded for inference with its dataset's classes."""
+    from fastdist.data import get_dataset
     from fastdist.engine.checkpoint import reference_export_name
     from fastdist.engine.inference_cli import build_inference_model
 
-    config = json.loads((run_dir / "config.json").read_text())
+    config = _run_config(run_dir)
     model, backbone = config["student_model"], config["student_backbone"]
     distilled = config.get("teacher_model") is not None
-    names = [reference_export_name(model, backbone, distilled, best) for best in (True, False)]
+    dataset = config.get("dataset", "citys")
+    names = [reference_export_name(model, backbone, distilled, best, dataset=dataset)
+             for best in (True, False)]
     for path in [run_dir / name for name in names]:
         if path.is_file():
-            return build_inference_model(model, backbone, str(path))
+            return build_inference_model(model, backbone, str(path), get_dataset(dataset).num_classes)
     raise FileNotFoundError(f"{run_dir}: no exported model ({' or '.join(names)}) to draw predictions with")
 
 
 def predict_examples(run_dirs: Sequence[str | os.PathLike], data: str, count: int,
-                     split: str = "val") -> list[list[np.ndarray]]:
-    """Per image: [image RGB, ground truth, prediction of each run] as (H, W, 3) uint8 arrays."""
+                     split: str | None = None) -> list[list[np.ndarray]]:
+    """Per image: [image RGB, ground truth, prediction of each run] as (H, W, 3) uint8 arrays.
+
+    ``data`` is a root of the runs' dataset (their ``config.json`` ``dataset``; all runs must share
+    one); ``split`` defaults to the split its training validates on. Colours are the dataset's palette.
+    """
     import torch
 
-    from fastdist.data.cityscapes import label_lut, list_pairs
-    from fastdist.data.torch_loader import read_image_bgr
+    from fastdist.data import get_dataset, list_pairs
+    from fastdist.data.torch_loader import read_image_bgr, read_train_ids
     from fastdist.engine.inference import image_to_input, infer_logits
 
-    pairs = list_pairs(data, split)[:count]
+    datasets = {run_dataset(d) for d in run_dirs}
+    if len(datasets) != 1:
+        raise ValueError(f"the runs were trained on different datasets ({', '.join(sorted(datasets))}): "
+                         "example predictions need one --data root for all of them")
+    spec = get_dataset(datasets.pop())
+    pairs = list_pairs(data, split or spec.recipe.val_split, dataset=spec)[:count]
     models = [_run_model(Path(d)) for d in run_dirs]
-    lut = label_lut()
     rows = []
     for pair in pairs:
         bgr = read_image_bgr(pair.image)
-        with Image.open(pair.label) as img:
-            label = lut[np.asarray(img)]
-        row = [bgr[..., ::-1].copy(), colorize(label)]
+        row = [bgr[..., ::-1].copy(), colorize(read_train_ids(pair.label, spec), spec.palette)]
         with torch.inference_mode():
             for model in models:
                 logits = infer_logits(model, image_to_input(bgr, torch.device("cpu")))
-                row.append(colorize(logits.argmax(1)[0].numpy()))
+                row.append(colorize(logits.argmax(1)[0].numpy(), spec.palette))
         rows.append(row)
     return rows
 
@@ -151,12 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="train.py log dirs (with metrics.jsonl)")
     p.add_argument("-o", "--out", default="curves.png", help="output image (png, pdf, svg)")
     p.add_argument("--labels", nargs="+", default=None, help="legend names (default: the folder names)")
-    p.add_argument("--data", default=None, help="Cityscapes root: add example val predictions of every run")
-    p.add_argument("--examples", type=int, default=3, help="val images shown with --data")
+    p.add_argument("--data", default=None, help="root of the runs' dataset (config.json's 'dataset'): add "
+                   "example validation predictions of every run")
+    p.add_argument("--examples", type=int, default=3, help="validation images shown with --data")
     args = p.parse_args(argv)
+    from fastdist.engine.inference_cli import InferenceSetupError
+
     try:
         out = plot_runs(args.runs, args.out, args.labels, args.data, args.examples)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, InferenceSetupError) as err:
         print(f"fastdist.plot: error: {err}")
         return 2
     print(f"wrote {out}")

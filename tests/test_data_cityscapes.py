@@ -360,7 +360,7 @@ def test_plan_crop() -> None:
     assert plan_crop(15, 25, Augment(0.7, 0, 0, False), crop).height == 10
 
 
-# ----------------------------------------------------------------------------- issue 12 data checks
+# ------------------------------------------------------------------ data checks: errors, not silent drops
 
 
 def test_unreadable_city_folder_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,3 +51,24 @@ def test_missing_checkpoint_exit_2(tmp_path, capsys) -> None:
                         str(tmp_path / "nope.pth"), "--onnx", str(tmp_path / "x.onnx")])
     assert code == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_export_ade20k_has_150_channels(tmp_path, capsys) -> None:
+    import onnxruntime
+
+    from fastdist.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("psp_mobile", "mobilenetv2", num_classes=150)
+    ckpt, onnx_path = tmp_path / "ade.pth", tmp_path / "ade.onnx"
+    torch.save(model.state_dict(), ckpt)
+    args = ["--model", "psp_mobile", "--backbone", "mobilenetv2", "--pretrained", str(ckpt),
+            "--onnx", str(onnx_path), "--size", "32", "32"]
+    assert export.main(args) == 2  # the default (citys, 19 classes) does not fit a 150-class checkpoint
+    assert "19 classes" in capsys.readouterr().err
+    code = export.main([*args, "--dataset", "ade20k"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"image": np.zeros((1, 3, 32, 32), np.float32)})
+    assert got.shape == (1, 150, 32, 32)

@@ -1,4 +1,4 @@
-"""Device launches of one fused forward+backward (issue 11: at most 4, autograd's seed included).
+"""Device launches of one fused forward+backward (at most 4, autograd's seed included).
 
 Counted on CPU under the Triton interpreter: every Triton kernel launch, plus every ATen op that would
 launch a device kernel (a TorchDispatchMode sees each op below autograd; allocations and views do not
@@ -146,7 +146,7 @@ def test_compile_specs_match_runtime_specialisation(monkeypatch, layout):
 
 class OpCounter(TorchDispatchMode):
     """Every ATen op one call issues below autograd, allocations and views included: each one is a
-    dispatcher call, the unit of host time per call on a GPU (issue: the front-end was host-bound)."""
+    dispatcher call, the unit of host time per call on a GPU (what the front-end costs the host)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""python -m fastdist.plot: curves from metrics.jsonl and example predictions in the Cityscapes palette."""
+"""python -m fastdist.plot: curves from metrics.jsonl and example predictions in the run's dataset palette."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdist.data.synthetic import make_synthetic_cityscapes
+from fastdist.data.synthetic import make_synthetic_cityscapes, make_synthetic_dataset
 from fastdist.plot import colorize, load_metrics, main, plot_runs, predict_examples
 
 
@@ -69,6 +69,51 @@ def test_examples_strip(tmp_path) -> None:
     out = tmp_path / "summary.png"
     assert main([str(tmp_path / "curves"), "--data", str(data), "--examples", "1", "-o", str(out)]) == 0
     assert out.stat().st_size > 10_000
+
+
+def test_examples_strip_ade20k(tmp_path, capsys) -> None:
+    """A run of another dataset: its export name, 150 classes, its label map, palette and val split."""
+    from fastdist.data import get_dataset
+    from fastdist.models import build_model
+
+    spec = get_dataset("ade20k")
+    data = make_synthetic_dataset(tmp_path / "ade", "ade20k", train=0, val=2, size=(32, 48))
+    run = tmp_path / "run"
+    _fake_run(run, kd=True)
+    (run / "config.json").write_text(json.dumps({"student_model": "psp_mobile", "dataset": "ade20k",
+                                                 "student_backbone": "mobilenetv2", "teacher_model": "psp"}))
+    torch.manual_seed(0)
+    model = build_model("psp_mobile", "mobilenetv2", num_classes=150).eval()
+    torch.save(model.state_dict(), run / "kd_psp_mobile_mobilenetv2_ade20k_best_model.pth")
+    rows = predict_examples([run], str(data), count=5)
+    assert len(rows) == 2 and all(len(row) == 3 for row in rows)
+    image_file = sorted((data / "images" / "validation").glob("*.jpg"))[0]
+    label_file = sorted((data / "annotations" / "validation").glob("*.png"))[0]
+    image, truth, prediction = rows[0]
+    np.testing.assert_array_equal(image, np.asarray(Image.open(image_file).convert("RGB")))
+    stored = np.asarray(Image.open(label_file))
+    train_ids = spec.label_lut()[stored]
+    assert (train_ids[stored == 0] == 255).all() and (train_ids[stored > 0] == stored[stored > 0] - 1).all()
+    np.testing.assert_array_equal(truth, colorize(train_ids, spec.palette))
+    assert truth[stored == 0].max() == 0 and truth[stored > 0].any()  # "other" black, classes coloured
+    assert prediction.shape == image.shape and prediction.dtype == np.uint8
+    colours = {tuple(c) for c in prediction.reshape(-1, 3).tolist()}
+    assert colours <= {tuple(c) for c in spec.palette}  # argmax classes in the ADE20K palette
+    out = tmp_path / "summary.png"
+    assert main([str(run), "--data", str(data), "--examples", "1", "-o", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    export = run / "kd_psp_mobile_mobilenetv2_ade20k_best_model.pth"
+    export.rename(run / "kd_psp_mobile_mobilenetv2_citys_best_model.pth")
+    assert main([str(run), "--data", str(data), "-o", str(out)]) == 2  # a Cityscapes name is not its export
+    assert "kd_psp_mobile_mobilenetv2_ade20k_best_model.pth" in capsys.readouterr().out
+
+
+def test_palette_of_a_dataset() -> None:
+    from fastdist.data import get_dataset
+
+    voc = get_dataset("voc")
+    got = colorize(np.array([[0, 1], [20, 255]]), voc.palette)
+    assert got.tolist() == [[list(voc.palette[0]), list(voc.palette[1])], [list(voc.palette[20]), [0, 0, 0]]]
 
 
 def test_labels_must_match_runs(tmp_path) -> None:

@@ -66,6 +66,23 @@ def test_defaults_are_the_reference_recipe() -> None:
     assert (args.log_iter, args.val_per_iters, args.save_per_iters, args.skip_val) == (10, 400, 400, False)
 
 
+def test_help_states_each_default_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every option's help says its default at most once; the recipe flags say it comes from --dataset."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping: one line per option
+    blocks = re.split(r"\n(?=  -)", build_parser().format_help())  # one block per option
+    options = {b.split()[0].rstrip(","): " ".join(b.split()) for b in blocks if b.startswith("  -")}
+    assert {"--crop-size", "--batch-size", "--max-iterations", "--lr", "--val-batch-size"} <= set(options)
+    for help_text in options.values():
+        assert len(re.findall(r"\bdefault\b", help_text)) <= 1, help_text
+    for option in ("--crop-size", "--batch-size", "--max-iterations", "--lr"):
+        assert "(default: from the --dataset's recipe:" in options[option], options[option]
+    assert "360 360 for camvid" in options["--crop-size"]
+    assert "80000 for cocostuff164k" in options["--max-iterations"]
+    assert "1 for the datasets of varying image size: ade20k" in options["--val-batch-size"]
+
+
 def test_resolved_config_on_cpu(data: Path) -> None:
     cfg = parse_config(_base(data, "--batch-size", "4", "--gpu-id", "0,1", "--student-pretrained", "None"))
     rt = cfg.runtime

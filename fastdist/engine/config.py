@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from fastdist.data import DALI_HINT, DATASET_NAMES, dali_available, default_backend, get_dataset
+from fastdist.data import DALI_HINT, DATASET_NAMES, DATASETS, dali_available, default_backend, get_dataset
 from fastdist.engine.dashboards import add_dashboard_args, check_dashboards
 from fastdist.engine.runtime import add_runtime_args, resolve_runtime
 from fastdist.engine.sliding import add_sliding_args, check_sliding_args
@@ -276,6 +276,26 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _recipe_help(text: str, flag: str) -> str:
+    """``text`` and the default of ``flag`` (a `DATASET_RECIPE_FLAGS` entry): each dataset's recipe value."""
+    by_value: dict[str, list[str]] = {}
+    for name, spec in DATASETS.items():
+        value = getattr(spec.recipe, flag)
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
+        by_value.setdefault(shown, []).append(name)
+    if len(by_value) == 1:
+        listing = f"{next(iter(by_value))} for every dataset"
+    else:
+        listing = ", ".join(f"{value} for {'/'.join(names)}" for value, names in by_value.items())
+    return f"{text} (default: from the --dataset's recipe: {listing})"
+
+
+def _val_batch_help() -> str:
+    varying = [name for name, spec in DATASETS.items() if spec.varying_size]
+    return ("validation images per rank and batch (default: the per-rank training batch; 1 for the "
+            f"datasets of varying image size: {', '.join(varying)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``train.py`` argument parser (reference-compatible flags first in each group)."""
     p = argparse.ArgumentParser(
@@ -303,20 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default="citys", choices=DATASET_NAMES,
                    help="dataset: layout, label map, classes and the recipe defaults of --crop-size, "
                         "--batch-size, --max-iterations, --lr (CIRKD's scripts for it; see the README)")
-    g.add_argument("--crop-size", type=_positive_int, nargs=2, default=[512, 1024], metavar=("H", "W"))
+    g.add_argument("--crop-size", type=_positive_int, nargs=2, default=[512, 1024], metavar=("H", "W"),
+                   help=_recipe_help("training crop, also the --eval-mode slide window", "crop_size"))
     g.add_argument("--workers", "-j", type=_non_negative_int, default=16,
                    help="loader threads (DALI) or worker processes (torch; 0 = in the main process) per rank")
     g.add_argument("--loader", choices=("dali", "torch"), default=None,
                    help="data pipeline (default: dali on CUDA when DALI is installed, else torch)")
     g.add_argument("--val-batch-size", type=_positive_int, default=None,
-                   help="validation images per rank and batch (default: the per-rank training batch)")
+                   help=_val_batch_help())
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=_positive_int, default=16, help="global batch, split over ranks")
-    g.add_argument("--max-iterations", type=_positive_int, default=40000)
-    g.add_argument("--lr", type=finite_positive, default=0.02)
-    g.add_argument("--momentum", type=finite_nonneg, default=0.9)
-    g.add_argument("--weight-decay", type=finite_nonneg, default=5e-4)
+    g.add_argument("--batch-size", type=_positive_int, default=16,
+                   help=_recipe_help("global batch, split over ranks", "batch_size"))
+    g.add_argument("--max-iterations", type=_positive_int, default=40000,
+                   help=_recipe_help("training iterations (the poly schedule's length)", "max_iterations"))
+    g.add_argument("--lr", type=finite_positive, default=0.02,
+                   help=_recipe_help("base learning rate of the poly schedule", "lr"))
+    g.add_argument("--momentum", type=finite_nonneg, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=finite_nonneg, default=5e-4, help="SGD weight decay")
     g.add_argument("--optimizer", choices=("sgd", "apex"), default="sgd",
                    help="sgd: torch SGD (fused on CUDA/CPU); apex: NVIDIA apex FusedSGD")
     g.add_argument("--seed", type=int, default=0, help="model init, dropout and data order")
@@ -429,8 +453,12 @@ def _paths_config(ns: argparse.Namespace, models: ModelConfig) -> PathsConfig:
                        wandb=ns.wandb)
 
 
-def build_config(ns: argparse.Namespace, command: str = "train.py") -> RunConfig:
+def build_config(ns: argparse.Namespace, command: str = "train.py",
+                 dataset_defaults: Sequence[str] = ()) -> RunConfig:
     """The `RunConfig` of parsed flags ``ns``: the device's defaults and every derived value filled in.
+
+    ``dataset_defaults`` names the `DATASET_RECIPE_FLAGS` whose values ``ns`` took from the dataset's
+    recipe (what `apply_dataset_recipe` returns; recorded in config.json).
 
     Reads nothing but the environment (``WORLD_SIZE``), CUDA's availability and the teacher weights'
     digest; the checks of names, files and data are `parse_config`'s.
@@ -443,7 +471,7 @@ def build_config(ns: argparse.Namespace, command: str = "train.py") -> RunConfig
         data=DataConfig(data=ns.data, data_root=os.path.realpath(ns.data), dataset=ns.dataset,
                         crop_size=(ns.crop_size[0], ns.crop_size[1]), workers=ns.workers,
                         loader=ns.loader or default_backend(runtime.device_type),
-                        dataset_defaults=tuple(getattr(ns, "dataset_defaults", ()))),
+                        dataset_defaults=tuple(dataset_defaults)),
         optim=OptimConfig(batch_size=ns.batch_size, batch_per_rank=batch_per_rank, lr=ns.lr,
                           momentum=ns.momentum, weight_decay=ns.weight_decay, optimizer=ns.optimizer,
                           seed=ns.seed),
@@ -524,19 +552,19 @@ def _default_val_batch(dataset: str, batch_per_rank: int) -> int:
     return 1 if get_dataset(dataset).varying_size else max(1, batch_per_rank)
 
 
-def apply_dataset_recipe(ns: argparse.Namespace, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Set the `DATASET_RECIPE_FLAGS` not given in ``argv`` to ``--dataset``'s recipe (in place; returns
-    ``ns``) and record which ones came from it (``ns.dataset_defaults``, saved in config.json)."""
+def apply_dataset_recipe(ns: argparse.Namespace, argv: Sequence[str] | None) -> tuple[str, ...]:
+    """Set the `DATASET_RECIPE_FLAGS` not given in ``argv`` to ``--dataset``'s recipe (in place) and
+    return their names (pass them to `build_config`, which records them in config.json)."""
     unset = object()  # a default no command line can produce: the flag was left out
     probe = build_parser()
     probe.set_defaults(**dict.fromkeys(DATASET_RECIPE_FLAGS, unset))
     given = vars(probe.parse_args(argv))
     recipe = get_dataset(ns.dataset).recipe
-    ns.dataset_defaults = [flag for flag in DATASET_RECIPE_FLAGS if given[flag] is unset]
-    for flag in ns.dataset_defaults:
+    defaults = tuple(flag for flag in DATASET_RECIPE_FLAGS if given[flag] is unset)
+    for flag in defaults:
         value = getattr(recipe, flag)
         setattr(ns, flag, list(value) if isinstance(value, tuple) else value)
-    return ns
+    return defaults
 
 
 def _check_numbers(cfg: RunConfig) -> None:
@@ -602,7 +630,9 @@ def parse_config(argv: Sequence[str] | None = None) -> RunConfig:
     """Parse, resolve and validate the command line; raises `ConfigError` (checks that take seconds at
     most: names, files, the dataset's pairs and file headers, the batch split, the resumed recipe)."""
     command = " ".join(["train.py", *(sys.argv[1:] if argv is None else argv)])
-    cfg = build_config(apply_dataset_recipe(build_parser().parse_args(argv), argv), command)
+    ns = build_parser().parse_args(argv)
+    recipe_defaults = apply_dataset_recipe(ns, argv)
+    cfg = build_config(ns, command, dataset_defaults=recipe_defaults)
     _check_numbers(cfg)
     _check_features(cfg)
     _check_models(cfg.model)
