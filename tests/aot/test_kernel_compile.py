@@ -126,7 +126,7 @@ def test_every_autotune_config_is_covered():
                for s in specs if s["kernel"] == "fwd"}
         bwd = {(s["constexprs"]["GROUPS_PER_PROGRAM"], s["num_stages"])
                for s in specs if s["kernel"] == "bwd"}
-        assert fwd == {(c["CHUNKS_PER_PROGRAM"], c["num_stages"]) for c in K.FWD_CONFIGS}
+        assert fwd == {(c["CHUNKS_PER_PROGRAM"], c["num_stages"]) for c in K._fwd_configs(K.tile_params(C))}
         assert bwd == {(c["GROUPS_PER_PROGRAM"], c["num_stages"]) for c in K.BWD_CONFIGS}
 
 
