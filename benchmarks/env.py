@@ -2,6 +2,10 @@
 
 ``capture_env`` is what every results file stores under ``env``; ``results_folder`` names the folder of a
 device and date (``benchmarks/results/<device-slug>-<YYYY-MM-DD>/``).
+
+The benchmark scripts import this module (directly or through another benchmark module) before anything
+from the repository: importing it puts the repository root on ``sys.path``, so that
+``python benchmarks/<script>.py`` works from a checkout without an install (``PYTHONPATH=.`` also works).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +25,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ Rows of ``kernel.json`` (written after every row), in run order:
               kernel; reads S and T, writes dS).
   front-end   per case: ``fastdist.dist_loss(..., backend)`` forward + ``torch.autograd.grad`` back to back
               (5 tensor-sizes: S and T are read by both passes, dS written once).
-Every timed row holds the cold-L2 and warm-L2 medians (``common.time_fn``), the CUDA-graph replay median
-(``common.time_graph``), the host time per call (``common.host_ms_per_call``), GB/s of each, and the
+Every timed row holds the cold-L2 and warm-L2 medians (``timing.time_fn``), the CUDA-graph replay median
+(``timing.time_graph``), the host time per call (``timing.host_ms_per_call``), GB/s of each, and the
 names of what the call launches, read from ``torch.profiler`` (CUDA kernels; on a CPU, top-level ops), so
 the list follows the kernels module instead of naming its kernels here.
 
@@ -31,8 +31,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import common
 import loss_bench
+from output import write_json
+from runargs import Budget, add_run_args, error_status, run_context
+from timing import host_ms_per_call, synchronize, time_fn, time_graph
 
 CASES = [("recipe-b8", "bf16", "nchw"), ("fullres-b2", "bf16", "nchw"), ("fullres-b2", "fp32", "nchw"),
          ("recipe-b2", "bf16", "nchw"), ("recipe-b8", "bf16", "nhwc"), ("cls-1024", "bf16", "rows")]
@@ -51,11 +53,11 @@ def launched(fn: Callable[[], Any], device: str) -> list[str]:
 
     cuda = device.startswith("cuda")
     fn()  # first-call work (tuning, JIT) stays out of the profile
-    common.synchronize(device)
+    synchronize(device)
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         fn()
-        common.synchronize(device)
+        synchronize(device)
     events = prof.events()
     if not cuda:
         return list(dict.fromkeys(e.name for e in events if e.cpu_parent is None))
@@ -73,17 +75,17 @@ def timings(fn: Callable[[], Any], device: str, nbytes: int, args: argparse.Name
     call, and the GB/s of each median for ``nbytes`` moved."""
     cuda = device.startswith("cuda")
     row: dict[str, Any] = {"bytes": nbytes}
-    warm = common.time_fn(fn, device, args.warmup_ms, args.rep_ms, l2="warm")
+    warm = time_fn(fn, device, args.warmup_ms, args.rep_ms, l2="warm")
     row.update(median_ms_warm_l2=warm.median_ms, p20_ms_warm_l2=warm.p20_ms, p80_ms_warm_l2=warm.p80_ms)
-    cold = common.time_fn(fn, device, args.warmup_ms, args.rep_ms) if cuda else None
+    cold = time_fn(fn, device, args.warmup_ms, args.rep_ms) if cuda else None
     row["median_ms_cold_l2"] = cold.median_ms if cold else None
     row["median_ms_graph"] = None
     if cuda:  # a capture failure costs this column only, not the row
         try:
-            row["median_ms_graph"] = common.time_graph(fn, args.rep_ms).median_ms
+            row["median_ms_graph"] = time_graph(fn, args.rep_ms).median_ms
         except Exception as exc:  # noqa: BLE001 - recorded in the row
-            row["graph_status"] = common.error_status(exc)
-    row["host_ms_per_call"] = common.host_ms_per_call(fn, device)
+            row["graph_status"] = error_status(exc)
+    row["host_ms_per_call"] = host_ms_per_call(fn, device)
     for key in ("warm_l2", "cold_l2", "graph"):
         ms = row[f"median_ms_{key}"]
         row[f"gbps_{key}"] = nbytes / (ms * 1e-3) / 1e9 if ms else None
@@ -161,7 +163,7 @@ def case_name(case: loss_bench.Case) -> str:
 
 
 def case_rows(case: loss_bench.Case, device: str, args: argparse.Namespace,
-              budget: common.Budget) -> Iterator[dict[str, Any]]:
+              budget: Budget) -> Iterator[dict[str, Any]]:
     """The sanity row and the three timed rows of one case, one at a time (each skipped once the budget
     is spent)."""
     s, t = loss_bench.make_inputs(case, device)
@@ -177,7 +179,7 @@ def case_rows(case: loss_bench.Case, device: str, args: argparse.Namespace,
 
 
 def guarded(measure: Callable[[], dict[str, Any]], part: str, case: str,
-            budget: common.Budget) -> dict[str, Any]:
+            budget: Budget) -> dict[str, Any]:
     """``measure()``, or a row with the reason it was not run or failed."""
     base = {"part": part, "case": case}
     spent = budget.skip_reason()
@@ -188,7 +190,7 @@ def guarded(measure: Callable[[], dict[str, Any]], part: str, case: str,
         return measure()
     except Exception as exc:  # noqa: BLE001 - report, do not crash the whole benchmark
         traceback.print_exc()
-        return {**base, "status": common.error_status(exc)}
+        return {**base, "status": error_status(exc)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ def guarded(measure: Callable[[], dict[str, Any]], part: str, case: str,
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_run_args(p, "one small case, a smaller copy buffer (CPU dry run)")
+    add_run_args(p, "one small case, a smaller copy buffer (CPU dry run)")
     p.add_argument("--warmup-ms", type=float, default=10)
     p.add_argument("--rep-ms", type=float, default=50)
     args = p.parse_args(argv)
@@ -210,17 +212,17 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], args: argpars
     doc = {"benchmark": "kernel", "env": env,
            "config": {"quick": args.quick, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
                       "backend": backend_of(env["device"]), "torch_compile": False,
-                      "timing": "common.time_fn (do_bench cold/warm L2), common.time_graph "
-                                "(do_bench_cudagraph), common.host_ms_per_call",
+                      "timing": "timing.time_fn (do_bench cold/warm L2), timing.time_graph "
+                                "(do_bench_cudagraph), timing.host_ms_per_call",
                       "complete": final, "wall_s": wall_s},
            "results": rows}
-    common.write_json(out_dir / "kernel.json", doc)
+    write_json(out_dir / "kernel.json", doc)
     return doc
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON document (also written to disk after every row)."""
-    device, env, _peak, out_dir, budget = common.run_context(args)
+    device, env, _peak, out_dir, budget = run_context(args)
     t_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common  # puts the repository root on sys.path
 import loss_bench
+from env import ROOT  # importing env puts the repository root on sys.path
 
 # Kernel modules following the report contract; a module that does not exist (yet) is skipped.
 KERNEL_MODULES = ("kernels.dist_loss", "kernels.kd_loss", "kernels.cwd_loss")
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     text = format_report(records)
     print(text)
     if args.readme:
-        write_readme(common.ROOT / "README.md", text)
+        write_readme(ROOT / "README.md", text)
     failed = [r["name"] for r in records if r["error"]]
     if failed:
         raise SystemExit(f"SASS loops do not match program_plan for: {', '.join(sorted(set(failed)))}")

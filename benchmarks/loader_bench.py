@@ -40,8 +40,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import common
 import train_bench
+from env import ROOT
+from output import NOT_MEASURED, write_json
+from runargs import Budget, add_run_args, error_status, run_context
+from timing import synchronize
 
 BACKENDS = ["dali", "torch"]
 # The train_bench configuration train.py runs on CUDA (fastdist.engine.runtime.resolve_runtime: bf16 autocast,
@@ -88,10 +91,10 @@ def ensure_dataset(args: argparse.Namespace) -> Path:
     if not (root / "train.lst").exists():
         cmd = [sys.executable, "-m", "fastdist.data.synthetic", str(root), "--train", str(args.num_images),
                "--val", "0", "--size", str(h), str(w), "--workers", str(min(8, os.cpu_count() or 1))]
-        path = os.pathsep.join([str(common.ROOT), os.environ.get("PYTHONPATH", "")])
+        path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
         env = {**os.environ, "PYTHONPATH": path}
         print(f"[loader_bench] generating {args.num_images} synthetic images {h}x{w} in {root}", flush=True)
-        subprocess.run(cmd, check=True, env=env, cwd=common.ROOT)
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     return root
 
 
@@ -132,11 +135,11 @@ def throughput(root: Path, backend: str, threads: int, args: argparse.Namespace,
     it = iter(loader)
     for _ in range(warmup):
         next(it)
-    common.synchronize(device)
+    synchronize(device)
     cpu0, t0 = process_tree_cpu_s(), time.perf_counter()
     for _ in range(batches):
         images, _labels = next(it)
-        common.synchronize(device)
+        synchronize(device)
     wall = time.perf_counter() - t0
     cpu = process_tree_cpu_s() - cpu0
     n_images = batches * args.batch
@@ -169,7 +172,7 @@ def dali_decode_images_per_s(root: Path, threads: int, args: argparse.Namespace,
 
     pairs = list_pairs(root, "train")
     gpu = device.startswith("cuda")
-    device_id = torch.cuda.current_device() if gpu else None  # common.resolve_device set it
+    device_id = torch.cuda.current_device() if gpu else None  # env.resolve_device set it
     decoder = "mixed" if gpu else "cpu"
 
     @pipeline_def(batch_size=args.batch, num_threads=threads, device_id=device_id, seed=0)
@@ -194,7 +197,7 @@ def dali_decode_images_per_s(root: Path, threads: int, args: argparse.Namespace,
 
 
 def add_decode_share(row: dict[str, Any], root: Path, args: argparse.Namespace, device: str,
-                     pil_decode_ms: float, budget: common.Budget) -> None:
+                     pil_decode_ms: float, budget: Budget) -> None:
     """torch: PIL decode CPU time over the loader's CPU time per image. DALI: images/s of the full loader
     over images/s of a decode-only DALI pipeline with the same threads (the decode's share of the time;
     run only while the time budget lasts)."""
@@ -210,7 +213,7 @@ def add_decode_share(row: dict[str, Any], root: Path, args: argparse.Namespace, 
         rate = dali_decode_images_per_s(root, row["threads"], args, device)
     except Exception as exc:  # noqa: BLE001 - the throughput row stays valid
         traceback.print_exc()
-        row["decode_share_status"] = common.error_status(exc)
+        row["decode_share_status"] = error_status(exc)
         return
     row.update(decode_only_images_per_s=rate, decode_share=row["images_per_s"] / rate,
                decode_share_method="loader images/s / decode-only DALI pipeline images/s")
@@ -230,7 +233,7 @@ def loader_gpu_ms_per_batch(root: Path, backend: str, threads: int, args: argpar
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         for _batch in make_loader(root, backend, threads, args.profile_batches, args, device):
             produced += 1
-        common.synchronize(device)
+        synchronize(device)
     total_us = sum(e.self_device_time_total for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA
                    and not e.name.lower().startswith(("memcpy", "memset")))
@@ -245,14 +248,14 @@ def data_wait(root: Path, backend: str, threads: int, args: argparse.Namespace, 
     it = iter(loader)
     for _ in range(warmup):
         step(*next(it))
-    common.synchronize(device)
+    synchronize(device)
     waited, t_start = 0.0, time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         images, labels = next(it)
         waited += time.perf_counter() - t0
         step(images, labels)
-        common.synchronize(device)
+        synchronize(device)
     total = time.perf_counter() - t_start
     del it, loader
     return {"data_wait_frac": waited / total, "iter_ms": total * 1e3 / steps,
@@ -281,7 +284,7 @@ def build_step(args: argparse.Namespace, device: str) -> tuple[Callable[[Any, An
 
 
 def throughput_rows(root: Path, args: argparse.Namespace, device: str,
-                    budget: common.Budget) -> Iterator[dict[str, Any]]:
+                    budget: Budget) -> Iterator[dict[str, Any]]:
     """One row per (backend, threads): steady-state images/s and CPU cores used, or why not measured."""
     for backend in args.backends:
         reason = backend_available(backend)
@@ -296,12 +299,12 @@ def throughput_rows(root: Path, args: argparse.Namespace, device: str,
                 row.update(throughput(root, backend, threads, args, device))
             except Exception as exc:  # noqa: BLE001 - report, do not crash the whole benchmark
                 traceback.print_exc()
-                row["status"] = common.error_status(exc)
+                row["status"] = error_status(exc)
             yield row
 
 
 def step_rows(root: Path, args: argparse.Namespace, device: str,
-              budget: common.Budget) -> Iterator[dict[str, Any]]:
+              budget: Budget) -> Iterator[dict[str, Any]]:
     """Data wait and GPU augmentation share per backend, with the KD step fed by the loader. The step is
     built (and, for ``+compile``, compiled) only while the time budget lasts."""
     base = {"threads": args.step_threads, "batch": args.batch, "step_config": args.step_config}
@@ -313,7 +316,7 @@ def step_rows(root: Path, args: argparse.Namespace, device: str,
         step, step_ms = build_step(args, device)
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
-        yield {**base, "status": common.error_status(exc)}
+        yield {**base, "status": error_status(exc)}
         return
     for backend in args.backends:
         row: dict[str, Any] = {"backend": backend, **base, "step_ms_fixed_data": step_ms}
@@ -330,7 +333,7 @@ def step_rows(root: Path, args: argparse.Namespace, device: str,
                            gpu_aug_share=gpu_ms / (gpu_ms + step_ms))
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
-            row["status"] = common.error_status(exc)
+            row["status"] = error_status(exc)
         yield row
 
 
@@ -339,7 +342,7 @@ def step_rows(root: Path, args: argparse.Namespace, device: str,
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_run_args(
+    add_run_args(
         p, "smoke run: 8 images of 128x256, crop 64x128 (with --with-step: train_bench --quick)"
     )
     p.add_argument("--root", default=None, help="an existing Cityscapes tree (default: synthetic)")
@@ -372,11 +375,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON document (also written to disk after every row, so that a
     killed run keeps what it measured)."""
-    device, env, _, out_dir, budget = common.run_context(args)
+    device, env, _, out_dir, budget = run_context(args)
     args.step_config = args.step_config or default_step_config(env["is_cuda"], args.quick)
     t_start = time.perf_counter()
     root = ensure_dataset(args)
-    parts: dict[str, Any] = {"decode": common.NOT_MEASURED, "results": [], "step": []}
+    parts: dict[str, Any] = {"decode": NOT_MEASURED, "results": [], "step": []}
 
     def save(complete: bool) -> dict[str, Any]:
         return write_results(parts, env, args, root, out_dir, time.perf_counter() - t_start, complete)
@@ -413,9 +416,9 @@ def write_results(parts: dict[str, Any], env: dict[str, Any], args: argparse.Nam
                    "complete": complete, "wall_s": wall_s},
         "decode": parts["decode"],
         "results": parts["results"],
-        "step": parts["step"] or common.NOT_MEASURED,
+        "step": parts["step"] or NOT_MEASURED,
     }
-    common.write_json(out_dir / "loader.json", doc)
+    write_json(out_dir / "loader.json", doc)
     return doc
 
 

@@ -50,7 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common
+from env import DevicePeak
+from output import matplotlib_pyplot, write_csv, write_json
+from runargs import Budget, add_run_args, error_status, run_context
+from timing import peak_extra_memory, synchronize, time_fn
 
 PROVIDERS = ["reference", "reference+compile", "torch", "triton"]
 MODES = ["fwd", "fwd_nograd", "bwd", "fwd+bwd"]
@@ -159,7 +162,7 @@ def bytes_moved(case: Case, mode: str, model: str) -> int:
     return TRAFFIC[model][mode] * math.prod(case.shape) * elem
 
 
-def bandwidth(case: Case, mode: str, median_ms: float, peak: common.DevicePeak | None) -> dict[str, Any]:
+def bandwidth(case: Case, mode: str, median_ms: float, peak: DevicePeak | None) -> dict[str, Any]:
     """Bytes, GB/s and fraction of the peak bandwidth of a measured median, under both byte models."""
     out: dict[str, Any] = {}
     for model, (bytes_field, gbps_field, frac_field) in BW_FIELDS.items():
@@ -258,19 +261,19 @@ def accuracy(f: Callable[[Any, Any], Any], s: Any, t: Any, ref: tuple[float, Any
 # Measurement
 # --------------------------------------------------------------------------------------------------
 def measure_mode(f: Callable[[Any, Any], Any], mode: str, case: Case, s: Any, t: Any, device: str,
-                 peak: common.DevicePeak | None, args: argparse.Namespace) -> dict[str, Any]:
+                 peak: DevicePeak | None, args: argparse.Namespace) -> dict[str, Any]:
     """Time one mode of one provider and measure its peak extra memory."""
     fn, setup = mode_fn(f, mode, s, t)
-    timing = common.time_fn(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, setup=setup)
+    timing = time_fn(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, setup=setup)
     # Warm L2 (the recipe's logits are in L2 in training): fwd+bwd on CUDA only (on a CPU the timing
     # above is already warm), to bound the run's time.
-    warm = (common.time_fn(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, setup=setup, l2="warm")
+    warm = (time_fn(fn, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, setup=setup, l2="warm")
             if mode == "fwd+bwd" and device.startswith("cuda") else None)
     return {
         "status": "ok", "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms,
         "reps": timing.reps, "median_ms_warm_l2": warm.median_ms if warm else None,
         **bandwidth(case, mode, timing.median_ms, peak),
-        "peak_extra_bytes": common.peak_extra_memory(fn, device, setup=setup),
+        "peak_extra_bytes": peak_extra_memory(fn, device, setup=setup),
     }
 
 
@@ -282,13 +285,13 @@ def first_calls(f: Callable[[Any, Any], Any], s: Any, t: Any, device: str) -> fl
     torch.autograd.grad(f(s, t), s)
     with torch.no_grad():
         f(s, t)
-    common.synchronize(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 
 def run_provider(provider: str, case: Case, s: Any, t: Any, device: str, ref: tuple[float, Any] | None,
-                 peak: common.DevicePeak | None, args: argparse.Namespace, modes: list[str],
-                 budget: common.Budget, reason: str | None = None) -> list[dict[str, Any]]:
+                 peak: DevicePeak | None, args: argparse.Namespace, modes: list[str],
+                 budget: Budget, reason: str | None = None) -> list[dict[str, Any]]:
     """Rows (one per mode) of one provider on one case; failures become status rows, never crashes.
 
     The time budget is checked before the provider is built (reference+compile compiles on its first
@@ -303,7 +306,7 @@ def run_provider(provider: str, case: Case, s: Any, t: Any, device: str, ref: tu
         acc = {"first_calls_s": first_calls(f, s, t, device), **accuracy(f, s, t, ref)}
     except Exception as exc:  # noqa: BLE001 - report, do not crash the whole benchmark
         traceback.print_exc()
-        return [{**base, "mode": m, "status": common.error_status(exc)} for m in modes]
+        return [{**base, "mode": m, "status": error_status(exc)} for m in modes]
     rows = []
     for mode in modes:
         spent = budget.skip_reason()
@@ -315,7 +318,7 @@ def run_provider(provider: str, case: Case, s: Any, t: Any, device: str, ref: tu
             rows.append({**base, "mode": mode, **measured, **acc})
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
-            rows.append({**base, "mode": mode, "status": common.error_status(exc)})
+            rows.append({**base, "mode": mode, "status": error_status(exc)})
         s.grad = None
     release(device)
     return rows
@@ -353,7 +356,7 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> Path | 
     """Bar chart of fwd+bwd median time per case and provider (log scale); None without matplotlib or
     without a measured fwd+bwd row."""
     sel = [r for r in rows if r["mode"] == "fwd+bwd" and r.get("status") == "ok"]
-    plt = common.matplotlib_pyplot() if sel else None
+    plt = matplotlib_pyplot() if sel else None
     if plt is None:
         return None
     cases = list(dict.fromkeys(f"{r['shape_name']}\n{r['dtype']} {r['layout']}" for r in sel))
@@ -385,7 +388,7 @@ def plot(rows: list[dict[str, Any]], env: dict[str, Any], path: Path) -> Path | 
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_run_args(p, "a few small cases (CI smoke run, < 1 min on CPU)")
+    add_run_args(p, "a few small cases (CI smoke run, < 1 min on CPU)")
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -404,8 +407,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_item(item: Item, device: str, peak: common.DevicePeak | None, args: argparse.Namespace,
-             budget: common.Budget) -> list[dict[str, Any]]:
+def run_item(item: Item, device: str, peak: DevicePeak | None, args: argparse.Namespace,
+             budget: Budget) -> list[dict[str, Any]]:
     """Rows of one work item: its inputs and float64 truth, then each provider (budget permitting)."""
     case = item.case
     print(f"[loss_bench] {case.shape_name} {case.shape} {case.dtype} {case.layout}: "
@@ -418,7 +421,7 @@ def run_item(item: Item, device: str, peak: common.DevicePeak | None, args: argp
             ref = None if args.no_accuracy else truth(s, t, args.loss)
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
-            status, s, t, ref = common.error_status(exc), None, None, None
+            status, s, t, ref = error_status(exc), None, None, None
     rows = []
     for provider in item.providers:
         rows += run_provider(provider, case, s, t, device, ref, peak, args, args.modes, budget, status)
@@ -430,7 +433,7 @@ def run_item(item: Item, device: str, peak: common.DevicePeak | None, args: argp
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON document (also written to disk after every work item, so that
     a killed run keeps its CSV, JSON and plot)."""
-    device, env, peak, out_dir, budget = common.run_context(args)
+    device, env, peak, out_dir, budget = run_context(args)
     cases = quick_cases() if args.quick else all_cases(args.shapes, args.dtypes, args.layouts)
     if args.loss == "cwd":  # a spatial softmax per channel: 4-D logits only
         cases = [c for c in cases if len(c.shape) == 4]
@@ -466,8 +469,8 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], args: argpars
                    "torch_threads": torch.get_num_threads(), "complete": final, "wall_s": wall_s},
         "results": rows,
     }
-    common.write_csv(out_dir / f"{_stem(args)}.csv", rows, CSV_FIELDS)
-    common.write_json(out_dir / f"{_stem(args)}.json", doc)
+    write_csv(out_dir / f"{_stem(args)}.csv", rows, CSV_FIELDS)
+    write_json(out_dir / f"{_stem(args)}.json", doc)
     if replot:
         plot(rows, env, out_dir / f"{_stem(args)}.png")
     return doc

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import common
+from env import RESULTS_DIR, ROOT
+from output import NOT_MEASURED
 
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 BENCHMARKS = ("kernel", "loss", "train", "loader")
@@ -112,15 +113,15 @@ def times(value: Any) -> str:
 
 
 def mib(value: Any) -> str:
-    return f"{num(value / 2**20, 1)} MiB" if isinstance(value, int | float) else common.NOT_MEASURED
+    return f"{num(value / 2**20, 1)} MiB" if isinstance(value, int | float) else NOT_MEASURED
 
 
 def cell(row: dict[str, Any] | None, render: Callable[[dict[str, Any]], str]) -> str:
     """``render(row)`` for a measured row, else the row's status (or "not measured")."""
     if row is None:
-        return common.NOT_MEASURED
+        return NOT_MEASURED
     if row.get("status") != "ok":
-        return str(row.get("status", common.NOT_MEASURED))
+        return str(row.get("status", NOT_MEASURED))
     return render(row)
 
 
@@ -136,7 +137,7 @@ def provenance(doc: dict[str, Any], path: Path) -> list[str]:
                 f"{num(peak['bf16_flops'] / 1e12, 0)} dense BF16 TFLOP/s ({peak['label']})"
                 if isinstance(peak, dict) else "; vendor peaks unknown (no fractions of peak)")
     try:
-        shown = path.resolve().relative_to(common.ROOT)
+        shown = path.resolve().relative_to(ROOT)
     except ValueError:
         shown = path
     lines = [f"Device **{env['device_name']}**, measured {env['datetime_utc']} UTC, torch {env['torch']}, "
@@ -192,7 +193,7 @@ def judge(value: Any, op: str, threshold: float, is_cuda: bool) -> str:
     if not is_cuda:
         return "not applicable (CPU run)"
     if not isinstance(value, int | float):
-        return common.NOT_MEASURED
+        return NOT_MEASURED
     return "pass" if OPS[op](value, threshold) else "fail"
 
 
@@ -234,7 +235,7 @@ def loader_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
     status = judge(value, "<", threshold, doc["env"].get("is_cuda", False))
     if status in ("pass", "fail") and (cfg.get("step_config"), cfg.get("batch"),
                                       cfg.get("step_threads")) != (step, batch, threads):
-        status = f"{common.NOT_MEASURED}: the target uses the {step} step, batch {batch}, {threads} threads"
+        status = f"{NOT_MEASURED}: the target uses the {step} step, batch {batch}, {threads} threads"
     case = f"batch {cfg.get('batch')}, {cfg.get('step_threads')} threads, step {cfg.get('step_config')}"
     return [{"target": "DALI data wait / step time", "case": case,
              "op": "<", "threshold": threshold, "value": value, "status": status}]
@@ -242,7 +243,7 @@ def loader_targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def targets(checked: list[dict[str, Any]]) -> list[str]:
     rows = [[t["target"], t["case"], f"{t['op']} {num(t['threshold'], 2)}",
-             num(t["value"]) if t.get("value") is not None else common.NOT_MEASURED, t["status"]]
+             num(t["value"]) if t.get("value") is not None else NOT_MEASURED, t["status"]]
             for t in checked]
     return table(["target", "case", "goal", "measured", "status"], rows) if rows else []
 
@@ -264,7 +265,7 @@ def loss_section(doc: dict[str, Any], path: Path) -> list[str]:
                    lambda r: pct(r.get("bw_frac_peak")),
                    lambda r: pct(r.get("bw_frac_peak_min_io")),
                    lambda r: pct(r["mem_frac_reference"]) if r.get("mem_frac_reference") is not None
-                   else common.NOT_MEASURED]
+                   else NOT_MEASURED]
         measured = tri is not None and tri.get("status") == "ok"
         body.append([f"{name} ({shape})", dtype, layout,
                      *(cell(get(p), lambda r: num(r["median_ms"])) for p in
@@ -312,7 +313,7 @@ def loader_section(doc: dict[str, Any], path: Path) -> list[str]:
     cfg = doc["config"]
     body = [[r["backend"], str(r["threads"]), cell(r, lambda r: num(r["images_per_s"])),
              cell(r, lambda r: num(r["cpu_cores_used"], 2)),
-             cell(r, lambda r: pct(r["decode_share"]) if "decode_share" in r else common.NOT_MEASURED)]
+             cell(r, lambda r: pct(r["decode_share"]) if "decode_share" in r else NOT_MEASURED)]
             for r in doc["results"]]
     size, crop = ("x".join(map(str, cfg[k])) for k in ("image_size", "crop"))
     lines = [
@@ -330,7 +331,7 @@ def loader_section(doc: dict[str, Any], path: Path) -> list[str]:
                       cell(r, lambda r: num(r["iter_ms"])),
                       cell(r, lambda r: num(r.get("step_ms_fixed_data"))),
                       cell(r, lambda r: pct(r["gpu_aug_share"]) if "gpu_aug_share" in r
-                           else common.NOT_MEASURED)]
+                           else NOT_MEASURED)]
                      for r in steps]
         lines += [f"KD step ({cfg['step_config']}) fed by the loader:", "",
                   *table(["backend", "threads", "data wait", "iteration ms", "step ms, fixed data",
@@ -398,11 +399,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", nargs="+", type=Path, default=None,
                    help="results folders (default: every folder under benchmarks/results/, GPU runs only)")
     p.add_argument("--include-cpu", action="store_true", help="also use CPU runs under benchmarks/results/")
-    p.add_argument("--readme", type=Path, default=common.ROOT / "README.md")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
     p.add_argument("--stdout", action="store_true", help="print the section instead of editing the README")
     args = p.parse_args(argv)
     explicit = args.results is not None
-    folders = args.results if explicit else sorted(d for d in common.RESULTS_DIR.glob("*") if d.is_dir())
+    folders = args.results if explicit else sorted(d for d in RESULTS_DIR.glob("*") if d.is_dir())
     found = newest(folders, include_cpu=explicit or args.include_cpu)
     section = render(found) if found else NO_RESULTS
     if args.stdout or not update_readme(args.readme, section):

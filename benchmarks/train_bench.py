@@ -56,7 +56,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import common
+from env import DevicePeak
+from output import NOT_MEASURED, write_json
+from runargs import add_run_args, error_status, run_context
+from timing import Timing, summarize, synchronize
 
 PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero")
@@ -222,21 +225,21 @@ class PhaseClock:
 
 
 def time_steps(step: Callable[..., Any], images: Any, labels: Any, device: str, warmup: int,
-               steps: int) -> tuple[common.Timing, float, dict[str, dict[str, float | None]]]:
+               steps: int) -> tuple[Timing, float, dict[str, dict[str, float | None]]]:
     """Per-step times after ``warmup`` steps; returns (timing, seconds of the first step, per-phase
     medians of the timed steps: host_ms and, on CUDA, gpu_ms)."""
     t0 = time.perf_counter()
     step(images, labels)
-    common.synchronize(device)
+    synchronize(device)
     first = time.perf_counter() - t0
     for _ in range(max(0, warmup - 1)):
         step(images, labels)
-    common.synchronize(device)
+    synchronize(device)
     clock = PhaseClock(device.startswith("cuda"))
     for _ in range(steps):
         step(images, labels, clock.new_step())
-    common.synchronize(device)
-    return common.summarize(clock.step_ms()), first, clock.phases()
+    synchronize(device)
+    return summarize(clock.step_ms()), first, clock.phases()
 
 
 def _phase_of(start_us: float, bounds: list[tuple[float, str]]) -> str | None:
@@ -261,11 +264,11 @@ def profile_step(step: Callable[..., Any], images: Any, labels: Any, device: str
         with record_function(f"phase::{phase}"):
             pass
 
-    common.synchronize(device)
+    synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         step(images, labels, mark)
-        common.synchronize(device)
+        synchronize(device)
     events = list(prof.events())
     bounds = sorted((e.time_range.start, e.name.removeprefix("phase::")) for e in events
                     if e.name.startswith("phase::"))
@@ -299,12 +302,12 @@ def count_flops(teacher: Any, student: Any, args: argparse.Namespace, batch: int
     images, labels = make_batch(batch, tuple(args.size), args.num_classes, device, channels_last=False)
     with FlopCounterMode(display=False) as counter:
         step(images, labels)
-    common.synchronize(device)
+    synchronize(device)
     return int(counter.get_total_flops())
 
 
 def measure(teacher: Any, student: Any, cfg: StepConfig, batch: int, args: argparse.Namespace, device: str,
-            flops: int | None, peak: common.DevicePeak | None) -> dict[str, Any]:
+            flops: int | None, peak: DevicePeak | None) -> dict[str, Any]:
     """One row: time ``cfg`` at ``batch``."""
     import torch
 
@@ -377,7 +380,7 @@ def multi_gpu() -> dict[str, Any]:
         strategy = "DDP's compiled-autograd path (compiled autograd traces the reducer)"
     elif mode in (False, "no_optimization"):
         strategy = "no DDP graph split: one compiled backward, all-reduce after it (no overlap)"
-    return {"optimize_ddp": str(mode), "strategy": strategy, "measured": common.NOT_MEASURED}
+    return {"optimize_ddp": str(mode), "strategy": strategy, "measured": NOT_MEASURED}
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
@@ -403,7 +406,7 @@ def release(device: str) -> None:
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_run_args(p, "smoke run: 16x32 crops, R18 teacher, 1 warm-up + 2 steps, no torch.compile")
+    add_run_args(p, "smoke run: 16x32 crops, R18 teacher, 1 warm-up + 2 steps, no torch.compile")
     p.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8], help="first = the ablation's batch")
     p.add_argument("--size", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
     p.add_argument("--configs", nargs="+", default=CONFIG_ORDER, choices=CONFIG_ORDER)
@@ -427,7 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the JSON document (also written to disk)."""
-    device, env, peak, out_dir, budget = common.run_context(args)
+    device, env, peak, out_dir, budget = run_context(args)
     fused_backend = "triton" if env["is_cuda"] else "torch"
     t_start = time.perf_counter()
     backend_settings = configure_backends(device)
@@ -448,7 +451,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(measure(teacher, student, cfg, batch, args, device, flops, peak))
         except Exception as exc:  # noqa: BLE001 - report, do not crash the whole benchmark
             traceback.print_exc()
-            rows.append({"config": cfg.name, "batch": batch, "status": common.error_status(exc)})
+            rows.append({"config": cfg.name, "batch": batch, "status": error_status(exc)})
         release(device)
         write_results(rows, env, args, out_dir, fused_backend, time.perf_counter() - t_start, final=False,
                       backend_settings=backend_settings)
@@ -479,7 +482,7 @@ def write_results(rows: list[dict[str, Any]], env: dict[str, Any], args: argpars
                    "peak_used": "dense BF16 tensor-core peak", "complete": final, "wall_s": wall_s},
         "results": rows,
     }
-    common.write_json(out_dir / "train.json", doc)
+    write_json(out_dir / "train.json", doc)
     return doc
 
 

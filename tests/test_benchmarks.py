@@ -24,12 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-import common  # noqa: E402
 import gpu_check  # noqa: E402
 import loader_bench  # noqa: E402
 import loss_bench  # noqa: E402
 import report  # noqa: E402
 import train_bench  # noqa: E402
+from env import DevicePeak, lookup_peak, resolve_device, slugify  # noqa: E402
+from output import NOT_MEASURED  # noqa: E402
+from runargs import Budget  # noqa: E402
+from timing import summarize, time_fn  # noqa: E402
 
 
 def _gpu_check(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -146,7 +149,7 @@ def test_loss_budget_checked_before_provider_is_built(monkeypatch: pytest.Monkey
     case = loss_bench.quick_cases()[0]
     s, t = loss_bench.make_inputs(case, "cpu")
     rows = loss_bench.run_provider("reference+compile", case, s, t, "cpu", None, None, args, args.modes,
-                                   common.Budget(0))
+                                   Budget(0))
     assert built == [] and [r["status"] for r in rows] == ["skipped: time budget"] * len(args.modes)
     doc = loss_bench.run(loss_bench.parse_args(["--quick", "--device", "cpu", "--time-budget", "0",
                                                 "--out", str(tmp_path)]))
@@ -185,7 +188,7 @@ def test_loss_byte_models_and_bandwidth_targets() -> None:
     assert loss_bench.bytes_moved(case, "fwd+bwd", "min-io") == 3 * one
     assert loss_bench.bytes_moved(case, "bwd", "two-pass") == 3 * one
     assert loss_bench.bytes_moved(case, "bwd", "min-io") == 3 * one
-    peak = common.DevicePeak("test", 1e12, 1e14, "test")
+    peak = DevicePeak("test", 1e12, 1e14, "test")
     bw = loss_bench.bandwidth(case, "fwd+bwd", 1.0, peak)
     assert bw["gbps"] == pytest.approx(5 * one / 1e6) and bw["bw_frac_peak"] == pytest.approx(5 * one / 1e9)
     assert bw["bw_frac_peak_min_io"] == pytest.approx(bw["bw_frac_peak"] * 3 / 5)
@@ -268,7 +271,7 @@ def test_loader_bench_files_and_values(results: dict[str, Path]) -> None:
         else:
             assert r["backend"] == "dali" and r["status"].startswith("not available")
     assert all(r["decode_share"] > 0 for r in torch_rows)
-    assert doc["step"] == common.NOT_MEASURED
+    assert doc["step"] == NOT_MEASURED
     assert doc["config"]["complete"] is True and doc["config"]["step_config"] == "+fused_loss"
 
 
@@ -442,7 +445,7 @@ def test_report_keeps_cpu_results_out_of_the_gpu_section(results: dict[str, Path
     import shutil
 
     shutil.copytree(results["loss"], tmp_path / "cpu-2026-12-04")
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path)
     report.main(["--stdout"])
     assert capsys.readouterr().out == report.NO_RESULTS
     report.main(["--stdout", "--include-cpu"])
@@ -450,15 +453,15 @@ def test_report_keeps_cpu_results_out_of_the_gpu_section(results: dict[str, Path
 
 
 # --------------------------------------------------------------------------------------------------
-# common.py
+# env.py, timing.py
 # --------------------------------------------------------------------------------------------------
 def test_device_peaks() -> None:
-    assert common.lookup_peak("NVIDIA H100 80GB HBM3").mem_bw_bytes_s == 3.35e12
-    assert common.lookup_peak("NVIDIA H100 PCIe").mem_bw_bytes_s == 2.0e12
-    assert common.lookup_peak("NVIDIA H200").mem_bw_bytes_s == 4.8e12
-    assert common.lookup_peak("NVIDIA A100-SXM4-80GB").mem_bw_bytes_s == 2.039e12
-    assert common.lookup_peak("NVIDIA GeForce RTX 3090") is None
-    assert common.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert lookup_peak("NVIDIA H100 80GB HBM3").mem_bw_bytes_s == 3.35e12
+    assert lookup_peak("NVIDIA H100 PCIe").mem_bw_bytes_s == 2.0e12
+    assert lookup_peak("NVIDIA H200").mem_bw_bytes_s == 4.8e12
+    assert lookup_peak("NVIDIA A100-SXM4-80GB").mem_bw_bytes_s == 2.039e12
+    assert lookup_peak("NVIDIA GeForce RTX 3090") is None
+    assert slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
 def test_resolve_device_sets_the_current_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -468,14 +471,14 @@ def test_resolve_device_sets_the_current_cuda_device(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    assert common.resolve_device("cuda:1") == "cuda:1" and current == [1]
+    assert resolve_device("cuda:1") == "cuda:1" and current == [1]
     with pytest.raises(SystemExit, match="only 2 CUDA device"):
-        common.resolve_device("cuda:2")
-    assert common.resolve_device("cpu") == "cpu" and current == [1]
+        resolve_device("cuda:2")
+    assert resolve_device("cpu") == "cpu" and current == [1]
 
 
 def test_summarize_quantiles() -> None:
-    t = common.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    t = summarize([5.0, 1.0, 4.0, 2.0, 3.0])
     assert (t.median_ms, t.p20_ms, t.p80_ms, t.reps) == pytest.approx((3.0, 1.8, 4.2, 5))
 
 
@@ -485,16 +488,16 @@ def test_time_fn_times_only_fn_after_an_untimed_setup() -> None:
     import time
 
     sleep = time.sleep
-    t = common.time_fn(lambda _arg: sleep(0.002), "cpu", warmup_ms=1, rep_ms=60, setup=lambda: sleep(0.004))
+    t = time_fn(lambda _arg: sleep(0.002), "cpu", warmup_ms=1, rep_ms=60, setup=lambda: sleep(0.004))
     assert 1.0 < t.median_ms < 3.5 and t.p20_ms <= t.p80_ms
-    alone = common.time_fn(lambda: sleep(0.002), "cpu", warmup_ms=1, rep_ms=30)
+    alone = time_fn(lambda: sleep(0.002), "cpu", warmup_ms=1, rep_ms=30)
     assert 1.9 < alone.median_ms < 3.5
     with pytest.raises(ValueError, match="l2 must be"):
-        common.time_fn(lambda: None, "cpu", l2="hot")
+        time_fn(lambda: None, "cpu", l2="hot")
 
 
 def test_gpu_timing_apis_exist() -> None:
-    """The CUDA-only calls common.py and train_bench.py make (not runnable here) exist with the arguments
+    """The CUDA-only calls timing.py and train_bench.py make (not runnable here) exist with the arguments
     they pass, in the installed torch and triton."""
     import inspect
 

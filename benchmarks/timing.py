@@ -1,9 +1,8 @@
-"""Shared helpers for the fastdist benchmarks: timing, memory, time budget, output.
+"""How the fastdist benchmarks measure: per-call time statistics and peak extra CUDA memory.
 
-Every benchmark script imports this module first; it puts the repository root on ``sys.path`` so that
-``python benchmarks/<script>.py`` works from a checkout without an install (``PYTHONPATH=.`` also works).
-The environment capture (device, vendor peaks, versions) is :mod:`env`; the pass/fail targets are
-judged by ``report.py``, never here.
+The environment capture (device, vendor peaks, versions; it also puts the repository root on
+``sys.path``) is :mod:`env`; the command-line options, run context and row statuses are :mod:`runargs`;
+the results files are :mod:`output`; the pass/fail targets are judged by ``report.py``, never here.
 
 Timing methodology
 ------------------
@@ -26,36 +25,13 @@ the quantiles of the full block shifted by the median of its prefix).
 
 from __future__ import annotations
 
-import csv
 import gc
-import json
 import math
 import statistics
-import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
-
-from env import (
-    RESULTS_DIR,
-    ROOT,
-    DevicePeak,
-    capture_env,
-    lookup_peak,
-    resolve_device,
-    results_folder,
-    slugify,
-)
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-# Re-exported for the benchmark scripts (the environment lives in env.py).
-__all__ = ["RESULTS_DIR", "ROOT", "DevicePeak", "capture_env", "lookup_peak", "resolve_device",
-           "results_folder", "slugify"]
-NOT_MEASURED = "not measured"
+from typing import Any
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,124 +178,3 @@ def peak_extra_memory(fn: Callable[..., Any], device: str,
     peak = torch.cuda.max_memory_allocated(device) - base
     del out, arg
     return int(peak)
-
-
-# --------------------------------------------------------------------------------------------------
-# Time budget
-# --------------------------------------------------------------------------------------------------
-class Budget:
-    """Wall-clock budget for a whole script; ``None`` seconds means unlimited."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.deadline = None if seconds is None else time.monotonic() + seconds
-
-    def left(self) -> float:
-        return math.inf if self.deadline is None else self.deadline - time.monotonic()
-
-    def exhausted(self) -> bool:
-        return self.left() <= 0
-
-    def skip_reason(self) -> str | None:
-        """The status of a row not started because the budget is spent, or None while time is left."""
-        return "skipped: time budget" if self.exhausted() else None
-
-
-def error_status(exc: BaseException) -> str:
-    """The status of a row whose measurement raised: ``oom``, or ``error: <type>: <first line>``."""
-    import torch
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return "oom"
-    first = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return f"error: {type(exc).__name__}: {first}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------------
-def clean(value: Any) -> Any:
-    """Make ``value`` JSON-safe: non-finite floats become None, tuples lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean(v) for v in value]
-    return value
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean(obj), indent=2, sort_keys=False) + "\n")
-    return path
-
-
-def write_csv(path: Path, rows: Iterable[dict[str, Any]], fields: Sequence[str]) -> Path:
-    """Write ``rows`` with the columns ``fields``; None is written as an empty cell."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(fields), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
-    return path
-
-
-def default_out_dir(env: dict[str, Any], out: str | None) -> Path:
-    """``--out`` when given (created), else ``benchmarks/results/<device>-<date>/``."""
-    if out:
-        path = Path(out)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    return results_folder(env)
-
-
-class RunContext(NamedTuple):
-    """What every benchmark resolves before measuring: device, environment, peaks, output, time budget."""
-
-    device: str
-    env: dict[str, Any]
-    peak: DevicePeak | None  # None on CPU and on GPUs missing from the peak table
-    out_dir: Path
-    budget: Budget
-
-
-def add_run_args(parser: Any, quick_help: str) -> None:
-    """The options :func:`run_context` reads: ``--device``, ``--out``, ``--quick``, ``--time-budget``."""
-    parser.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default benchmarks/results/<device>-<date>/)")
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds; rows left when it runs out are written as 'skipped: time budget'")
-
-
-def run_context(args: Any) -> RunContext:
-    """The :class:`RunContext` of a benchmark's parsed ``--device``, ``--out`` and ``--time-budget``."""
-    device = resolve_device(args.device)
-    env = capture_env(device)
-    peak = lookup_peak(env["device_name"]) if env["is_cuda"] else None
-    return RunContext(device, env, peak, default_out_dir(env, args.out), Budget(args.time_budget))
-
-
-def matplotlib_pyplot() -> Any | None:
-    """``matplotlib.pyplot`` with the Agg backend, or None (with a printed note) when matplotlib is absent."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; skipping the PNG plot (CSV/JSON are written)")
-        return None
-    return plt
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return NOT_MEASURED
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
