@@ -41,7 +41,7 @@ gradient is then copied back into a tensor with the input's strides. Row indices
 
 Two layouts (``tile_params``, a fixed function of C, never tuned)
 -----------------------------------------------------------------
-* *Row layout* (C <= 22: the segmentation recipes). A group is [64, BLOCK_C] with one row per
+* *Row layout* (C <= 21: the segmentation recipes). A group is [64, BLOCK_C] with one row per
   thread and all of its classes in that thread's registers (2 warps; the loads have contiguity 1 so
   that Triton's coalescer keeps this layout). C is a constexpr, so the padded classes of BLOCK_C are
   compile-time constants and fold away; the row reductions (max, sums, <a, b>, norms) stay inside the
@@ -143,9 +143,10 @@ _BWD_DEFAULT = BWD_CONFIGS[0]
 ROW_EPS = 1e-8
 
 # Largest C of the row layout (one row per thread, see ``tile_params``): its registers grow with C
-# (~7C in the forward, ~9C in the backward); at C = 24 the sm_90a forward spilled (fp32, records of
-# 2048 rows), up to 22 none does (tests/aot compiles C = 22). VOC's 21, Cityscapes' 19, CamVid's 11.
-_ROW_LAYOUT_MAX_C = 22
+# (~7C in the forward, ~9C in the backward); at C = 22 the sm_90 forward spilled (bf16, no mask,
+# no divisibility hints, records of 2048 rows), up to 21 none does (tests/aot compiles C = 21).
+# VOC's 21, Cityscapes' 19, CamVid's 11 classes.
+_ROW_LAYOUT_MAX_C = 21
 
 # Triton decides at decoration time whether kernels run in the interpreter.
 _INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -155,7 +156,7 @@ def tile_params(C: int) -> dict:
     """Fixed (never tuned) tile geometry for C classes: BLOCK_C, ROW_LAYOUT, GROUP_ROWS, MERGE_GROUPS,
     BWD_GROUP_ROWS, num_warps, maxnreg (forward) and bwd_maxnreg.
 
-    C <= 22 (the segmentation recipes: 19, 21, 11 classes): the *row layout*, one logits row per
+    C <= 21 (the segmentation recipes: 19, 21, 11 classes): the *row layout*, one logits row per
     thread with all of its classes in that thread's registers (64-row groups, 2 warps). Row
     reductions stay inside a thread, padded classes are compile-time constants that fold away (C is a
     constexpr), and the forward accumulates column statistics per thread, reducing them across the
@@ -171,7 +172,7 @@ def tile_params(C: int) -> dict:
     block_c = max(2, triton.next_power_of_2(C))
     if C <= _ROW_LAYOUT_MAX_C:
         # registers per thread: 5 column accumulators and both rows' exps per class (forward), the
-        # rows and 4 coefficients per class (backward); 200 / 232 registers: no spill for C <= 22
+        # rows and 4 coefficients per class (backward); 200 / 232 registers: no spill for C <= 21
         # (tests/aot; at 168 the sm_90a forward spilled to the stack). 2 warps: 64-row groups, so
         # 16k rows still give 256 programs; records of up to 32 groups (2048 rows) amortise the
         # once-per-record reduction across threads (~2300 warp-instructions per warp, sm_90a).
@@ -229,7 +230,8 @@ def _row_exp(
     # padded classes -> -inf and probability exactly 0 (with C a constexpr and a row per thread,
     # these are compile-time constants); padded rows stay finite
     x = tl.where(col_ok[None, :], x, float("-inf"))  # [GROUP_ROWS, BLOCK_C]
-    # max of the raw logits (x_scale > 0): exp2(x * x_scale - max * x_scale) is one FMA per element
+    # max of the raw logits (x_scale > 0, checked by the launchers): exp2(x * x_scale - max * x_scale)
+    # is one FMA per element
     x_max = tl.max(x, axis=1) * x_scale  # [GROUP_ROWS]
     # [GROUP_ROWS, BLOCK_C] = exp((s - max s) / tau)
     e = tl.where(col_ok[None, :], tl.exp2(x * x_scale - x_max[:, None]), 0.0)
@@ -251,8 +253,9 @@ def _row_index(
     # call to an emulation routine, whose ABI spills registers. Offsets are formed in int64 later.
     rows = first_row + r_off  # [GROUP_ROWS] int32
     if ONE_IMAGE:
-        # image index is a scalar and hw = scalar + arange: the compiler sees rows that are
-        # contiguous in memory for NCHW input (row stride 1) and coalesces the loads along rows
+        # image index is a scalar and hw = scalar + arange: in the tile layout the compiler sees rows
+        # that are contiguous in memory for NCHW input (row stride 1) and coalesces the loads along
+        # rows; the row layout clamps hw (so one row stays in one thread) and saves the division
         first = first_row
         if ROW_LAYOUT:  # rows past N read row N-1 (a group past N: the last row of the last image)
             first = tl.minimum(first_row, N - 1)
@@ -356,7 +359,7 @@ def _dist_fwd_kernel(
     HAS_MASK: tl.constexpr,  # whether m_ptr is read
     ONE_IMAGE: tl.constexpr,  # no group of GROUP_ROWS rows straddles two images
 ):
-    """Statistics kernel, tile layout (C > 22): each group's column statistics are reduced over
+    """Statistics kernel, tile layout (C > 21): each group's column statistics are reduced over
     the tile (centred, two passes in registers) and Chan-merged into the chunk's running record."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)  # [BLOCK_C]
@@ -442,7 +445,7 @@ def _dist_fwd_rows_kernel(
     HAS_MASK: tl.constexpr,  # whether m_ptr is read
     ONE_IMAGE: tl.constexpr,  # no group of GROUP_ROWS rows straddles two images
 ):
-    """Statistics kernel, row layout (C <= 22): one row per thread. Each thread keeps Welford
+    """Statistics kernel, row layout (C <= 21): one row per thread. Each thread keeps Welford
     statistics of the rows it sees (fp32, at most MERGE_GROUPS rows: the thread's rows of one
     record); once per record the threads' statistics are merged across the program with the exact
     multi-set Chan form (mu = sum n_t mu_t / n, M2 = sum M2_t + n_t (mu_t - mu)^2), a fixed tree."""
@@ -544,7 +547,7 @@ def _dist_bwd_kernel(
     NEED_S: tl.constexpr,  # write dL/dS
     NEED_T: tl.constexpr,  # write dL/dT
     ONE_IMAGE: tl.constexpr,  # no group of GROUP_ROWS rows straddles two images
-    ROW_LAYOUT: tl.constexpr,  # one row per thread (C <= 22, see tile_params)
+    ROW_LAYOUT: tl.constexpr,  # one row per thread (C <= 21, see tile_params)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)  # [BLOCK_C]
@@ -880,7 +883,10 @@ def _bwd_groups(n: int, C: int) -> tuple[int, int]:
 
 
 def _x_scale(tau: float) -> float:
-    """log2(e) / tau: the kernels' softmax computes exp2(x * log2(e) / tau) = exp(x / tau)."""
+    """log2(e) / tau: the kernels' softmax computes exp2(x * log2(e) / tau) = exp(x / tau), taking the
+    row max of the raw logits, which needs tau > 0."""
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
     return math.log2(math.e) / float(tau)
 
 
@@ -894,7 +900,7 @@ def _fwd_configs(tp: dict) -> tuple[dict, ...]:
 
 
 def _fwd_kernel(tp: dict):
-    """The statistics kernel of a tile geometry: row layout (C <= 22) or tile layout."""
+    """The statistics kernel of a tile geometry: row layout (C <= 21) or tile layout."""
     return _dist_fwd_rows_kernel if tp["ROW_LAYOUT"] else _dist_fwd_kernel
 
 

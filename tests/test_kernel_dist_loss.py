@@ -193,6 +193,14 @@ CASES = [
                  id="nhwc/nchw-C19-f32/bf16"),
     pytest.param((3, 150, 4, 4), (bf16, "nchw"), (f32, "nhwc"), "rand", 1.0, 1.0, True,
                  id="nchw/nhwc-C150-groups-in-one-image"),  # HW % GROUP_ROWS == 0: ONE_IMAGE path
+    # row layout (C <= 21): several images whose H*W is a multiple of the 64-row group (ONE_IMAGE),
+    # its largest C, and the tile layout just above it
+    pytest.param((3, 19, 8, 16), (bf16, "nchw"), (bf16, "nhwc"), "rand", 1.0, 1.0, True,
+                 id="nchw/nhwc-C19-groups-in-one-image"),
+    pytest.param((2, 21, 5, 9), (f32, "nhwc"), (f32, "nhwc"), None, 2.0, 1.0, False,
+                 id="nhwc-C21-row-layout-max"),
+    pytest.param((2, 22, 5, 9), (f32, "nchw"), (f16, "nchw"), "rand", 1.0, 1.0, True,
+                 id="nchw-C22-tile-layout"),
     pytest.param((37, 1024), (f32, "rows"), (bf16, "rows"), None, 1.0, 1.0, True, id="2d-C1024-f32/bf16"),
     pytest.param((1, 1024, 3, 5), (bf16, "nhwc"), (bf16, "nhwc"), "rand", 2.0, 0.5, False,
                  id="nhwc-C1024-bf16"),
@@ -320,6 +328,12 @@ def test_input_errors():
         K.dist_forward_stats(S, S, 1.0, None)
     with pytest.raises(ValueError, match="at least 2"):
         K.dist_forward_stats(torch.randn(8, 1), torch.randn(8, 1), 1.0, None)
+    x, cc, rc, go = torch.randn(8, 19), torch.zeros(5, 19), torch.zeros(1), torch.tensor(1.0)
+    for tau in (0.0, -1.0, float("nan")):  # the softmax takes the row max of the raw logits: tau > 0
+        with pytest.raises(ValueError, match="tau must be > 0"):
+            K.dist_forward_stats(x, x, tau, None)
+        with pytest.raises(ValueError, match="tau must be > 0"):
+            K.dist_backward(x, x, tau, None, cc, rc, go, True, False)
     with pytest.raises(ValueError, match="shapes differ"):
         K.dist_forward_stats(torch.randn(8, 3), torch.randn(9, 3), 1.0, None)
     with pytest.raises(ValueError, match="mask"):
