@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-from fastdist.data import DALI_HINT, DatasetError, check_dataset, dali_available, get_dataset, list_pairs
-from fastdist.engine.config import ConfigError
-from fastdist.engine.distributed import DistributedSetupError, cleanup_distributed, exit_process
+from fastdist.data import DALI_HINT, check_dataset, dali_available, get_dataset, list_pairs
+from fastdist.engine.distributed import cleanup_distributed, exit_process
 from fastdist.engine.evaluation import evaluate, save_results_json
-from fastdist.engine.finite import NonFiniteLogitsError
 from fastdist.engine.flops import format_model_cost, model_cost
 from fastdist.engine.inference_cli import (
     InferenceRun,
     InferenceSetupError,
     add_inference_args,
     prepare_inference,
+    run_command,
 )
 from fastdist.engine.logger import terminal_progress
 from fastdist.engine.metrics import format_iou_table
@@ -129,18 +127,7 @@ def _report(args: argparse.Namespace, prep: InferenceRun, result: dict, cost: di
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit status (2 on a user error, with a one-line message)."""
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, DatasetError, InferenceSetupError, DistributedSetupError) as exc:
-        print(f"eval.py: error: {exc}", file=sys.stderr)
-        cleanup_distributed()
-        return 2
-    except NonFiniteLogitsError as exc:  # the command was fine, the model is not: no score, no PNGs
-        print(f"eval.py: error: {exc}", file=sys.stderr)
-        cleanup_distributed()
-        return 1
-    return 0
+    return run_command("eval.py", run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,11 @@ with its palette.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from fastdist.data import DatasetError, get_dataset
-from fastdist.engine.config import ConfigError
-from fastdist.engine.distributed import DistributedSetupError, barrier, cleanup_distributed, exit_process
-from fastdist.engine.finite import NonFiniteLogitsError
-from fastdist.engine.inference_cli import InferenceSetupError, add_inference_args, prepare_inference
+from fastdist.data import get_dataset
+from fastdist.engine.distributed import barrier, cleanup_distributed, exit_process
+from fastdist.engine.inference_cli import add_inference_args, prepare_inference, run_command
 from fastdist.engine.logger import terminal_progress
 from fastdist.engine.prediction import predict_images
 
@@ -72,18 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit status (2 on a user error, with a one-line message)."""
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, DatasetError, InferenceSetupError, DistributedSetupError) as exc:
-        print(f"predict.py: error: {exc}", file=sys.stderr)
-        cleanup_distributed()
-        return 2
-    except NonFiniteLogitsError as exc:  # the command was fine, the model is not: no score, no PNGs
-        print(f"predict.py: error: {exc}", file=sys.stderr)
-        cleanup_distributed()
-        return 1
-    return 0
+    return run_command("predict.py", run, parse_args(argv))
 
 
 if __name__ == "__main__":

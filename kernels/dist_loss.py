@@ -334,6 +334,44 @@ def _store_record(
 
 
 @triton.jit
+def _group_rows(
+    s_ptr,  # student logits
+    t_ptr,  # teacher logits
+    m_ptr,  # keep-mask, uint8 (N,); only read when HAS_MASK
+    first_row,  # int32 scalar: first row of the group
+    r_off,  # [GROUP_ROWS] int32: 0 .. GROUP_ROWS-1
+    cols,  # [BLOCK_C] int32 class index
+    N,  # number of rows
+    HW,  # rows per image
+    s_sb, s_shw, s_sc,  # student strides: image, row of one image, class
+    t_sb, t_shw, t_sc,  # teacher strides
+    x_scale,  # log2(e) / tau
+    eps,  # epsilon of the row term's denominator
+    C: tl.constexpr,  # number of classes
+    HAS_MASK: tl.constexpr,  # whether m_ptr is read
+    ONE_IMAGE: tl.constexpr,  # no group straddles two images
+    ROW_LAYOUT: tl.constexpr,  # one row per thread
+):
+    """(p, q, kept, r) of one group: the softmaxes ([GROUP_ROWS, BLOCK_C], 0 on a dropped row when
+    HAS_MASK or in the tile layout, where they are reduced over rows), the kept rows and r_i (0 when
+    not kept). Where(), not a product with the 0/1 mask: excluded rows may hold NaN/inf."""
+    rows, b_idx, hw_idx = _row_index(first_row, r_off, N, HW, ONE_IMAGE, ROW_LAYOUT)  # [GROUP_ROWS] each
+    row_ok = rows < N  # [GROUP_ROWS]
+    e_s, sum_s, inv_s = _row_exp(s_ptr, b_idx * s_sb + hw_idx * s_shw, row_ok, cols, s_sc, x_scale, C,
+                                 ROW_LAYOUT)
+    e_t, sum_t, inv_t = _row_exp(t_ptr, b_idx * t_sb + hw_idx * t_shw, row_ok, cols, t_sc, x_scale, C,
+                                 ROW_LAYOUT)
+    kept = _kept_rows(m_ptr, rows, N, HAS_MASK)  # [GROUP_ROWS]
+    _ea, _eb, ab, na, nb, inv_d = _row_pearson(e_s, sum_s, inv_s, e_t, sum_t, inv_t, cols, eps, C)
+    p = e_s * inv_s[:, None]  # [GROUP_ROWS, BLOCK_C]
+    q = e_t * inv_t[:, None]  # [GROUP_ROWS, BLOCK_C]
+    if HAS_MASK or not ROW_LAYOUT:
+        p = tl.where(kept[:, None], p, 0.0)
+        q = tl.where(kept[:, None], q, 0.0)
+    return p, q, kept, tl.where(kept, ab * inv_d, 0.0)
+
+
+@triton.jit
 def _dist_fwd_kernel(
     s_ptr,  # student logits, element (n, c) at b*s_sb + hw*s_shw + c*s_sc
     t_ptr,  # teacher logits, element (n, c) at b*t_sb + hw*t_shw + c*t_sc
@@ -358,157 +396,99 @@ def _dist_fwd_kernel(
     CHUNKS_PER_PROGRAM: tl.constexpr,  # tuned: consecutive chunks handled by one program
     HAS_MASK: tl.constexpr,  # whether m_ptr is read
     ONE_IMAGE: tl.constexpr,  # no group of GROUP_ROWS rows straddles two images
+    ROW_LAYOUT: tl.constexpr,  # one row per thread (C <= 21, see tile_params)
 ):
-    """Statistics kernel, tile layout (C > 21): each group's column statistics are reduced over
-    the tile (centred, two passes in registers) and Chan-merged into the chunk's running record."""
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_C)  # [BLOCK_C]
-    r_off = tl.arange(0, GROUP_ROWS)  # [GROUP_ROWS]
-    for k in range(CHUNKS_PER_PROGRAM):
-        chunk = pid * CHUNKS_PER_PROGRAM + k
-        # running (Chan) statistics of the chunk, merged group by group in row order
-        run_n = 0.0
-        run_r = 0.0
-        run_mp = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
-        run_mq = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
-        run_m2p = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
-        run_m2q = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
-        run_cpq = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
-        for g in range(MERGE_GROUPS):
-            first_row = (chunk * MERGE_GROUPS + g) * GROUP_ROWS
-            rows, b_idx, hw_idx = _row_index(first_row, r_off, N, HW, ONE_IMAGE, False)  # [GROUP_ROWS] each
-            row_ok = rows < N  # [GROUP_ROWS]
-            s_row = b_idx * s_sb + hw_idx * s_shw  # [GROUP_ROWS] element offset of each row
-            t_row = b_idx * t_sb + hw_idx * t_shw  # [GROUP_ROWS]
-            e_s, sum_s, inv_s = _row_exp(s_ptr, s_row, row_ok, cols, s_sc, x_scale, C, False)
-            e_t, sum_t, inv_t = _row_exp(t_ptr, t_row, row_ok, cols, t_sc, x_scale, C, False)
-            kept = _kept_rows(m_ptr, rows, N, HAS_MASK)  # [GROUP_ROWS]
-            _ea, _eb, ab, na, nb, inv_d = _row_pearson(e_s, sum_s, inv_s, e_t, sum_t, inv_t, cols, eps, C)
-            r = tl.where(kept, ab * inv_d, 0.0)  # [GROUP_ROWS]
-            p = e_s * inv_s[:, None]  # [GROUP_ROWS, BLOCK_C]
-            q = e_t * inv_t[:, None]  # [GROUP_ROWS, BLOCK_C]
+    """Statistics kernel: one record per chunk of MERGE_GROUPS groups.
 
-            # centred column statistics of this group (two passes over the tile in registers)
-            n_g = tl.sum(kept.to(tl.float32), axis=0)
-            inv_n = 1.0 / tl.maximum(n_g, 1.0)
-            # where(), not a product with the 0/1 mask: excluded rows may hold NaN/inf (NaN * 0 = NaN)
-            p = tl.where(kept[:, None], p, 0.0)  # [GROUP_ROWS, BLOCK_C]
-            q = tl.where(kept[:, None], q, 0.0)  # [GROUP_ROWS, BLOCK_C]
-            mu_pg = tl.sum(p, axis=0) * inv_n  # [BLOCK_C]
-            mu_qg = tl.sum(q, axis=0) * inv_n  # [BLOCK_C]
-            dp = tl.where(kept[:, None], p - mu_pg[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
-            dq = tl.where(kept[:, None], q - mu_qg[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
-            m2p_g = tl.sum(dp * dp, axis=0)  # [BLOCK_C]
-            m2q_g = tl.sum(dq * dq, axis=0)  # [BLOCK_C]
-            cpq_g = tl.sum(dp * dq, axis=0)  # [BLOCK_C]
-
-            # exact Chan merge of (n_g, group stats) into the running chunk statistics
-            n_new = run_n + n_g
-            w = n_g / tl.maximum(n_new, 1.0)
-            cross = run_n * w  # = n_run * n_g / n_new
-            del_p = mu_pg - run_mp  # [BLOCK_C]
-            del_q = mu_qg - run_mq  # [BLOCK_C]
-            run_mp = run_mp + del_p * w
-            run_mq = run_mq + del_q * w
-            run_m2p = run_m2p + m2p_g + del_p * del_p * cross
-            run_m2q = run_m2q + m2q_g + del_q * del_q * cross
-            run_cpq = run_cpq + cpq_g + del_p * del_q * cross
-            run_n = n_new
-            run_r = run_r + tl.sum(r, axis=0)
-        _store_record(row_part_ptr, col_part_ptr, chunk, num_chunks, cols, run_r, run_n,
-                      run_mp, run_mq, run_m2p, run_m2q, run_cpq, C)
-
-
-@triton.jit
-def _dist_fwd_rows_kernel(
-    s_ptr,  # student logits, element (n, c) at b*s_sb + hw*s_shw + c*s_sc
-    t_ptr,  # teacher logits, element (n, c) at b*t_sb + hw*t_shw + c*t_sc
-    m_ptr,  # keep-mask, uint8 (N,) contiguous; only read when HAS_MASK
-    row_part_ptr,  # out: float32 (num_chunks, 2) contiguous, per chunk [sum of r_i, kept rows]
-    col_part_ptr,  # out: float32 (num_chunks, 5, C) contiguous, per chunk [mu_p, mu_q, M2_p, M2_q, C_pq]
-    N,  # number of rows
-    HW,  # rows per image (H*W for 4-D input, N for 2-D input)
-    s_sb,  # student stride between images (0 for 2-D)
-    s_shw,  # student stride between consecutive rows of one image
-    s_sc,  # student stride between classes
-    t_sb,  # teacher stride between images (0 for 2-D)
-    t_shw,  # teacher stride between consecutive rows of one image
-    t_sc,  # teacher stride between classes
-    x_scale,  # log2(e) / tau
-    eps,  # epsilon of the row term's denominator
-    num_chunks,  # number of partial records = cdiv(N, GROUP_ROWS * MERGE_GROUPS)
-    C: tl.constexpr,  # number of classes
-    BLOCK_C: tl.constexpr,  # next_power_of_2(C)
-    GROUP_ROWS: tl.constexpr,  # rows per register tile (fixed by C)
-    MERGE_GROUPS: tl.constexpr,  # groups merged into one partial record (fixed by N, C)
-    CHUNKS_PER_PROGRAM: tl.constexpr,  # tuned: consecutive chunks handled by one program
-    HAS_MASK: tl.constexpr,  # whether m_ptr is read
-    ONE_IMAGE: tl.constexpr,  # no group of GROUP_ROWS rows straddles two images
-):
-    """Statistics kernel, row layout (C <= 21): one row per thread. Each thread keeps Welford
-    statistics of the rows it sees (fp32, at most MERGE_GROUPS rows: the thread's rows of one
-    record); once per record the threads' statistics are merged across the program with the exact
-    multi-set Chan form (mu = sum n_t mu_t / n, M2 = sum M2_t + n_t (mu_t - mu)^2), a fixed tree."""
+    Row layout: each thread keeps Welford statistics of the rows it owns (fp32, at most MERGE_GROUPS
+    rows per record); once per record they are merged across the program with the exact multi-set
+    Chan form (mu = sum n_t mu_t / n, M2 = sum M2_t + n_t (mu_t - mu)^2), a fixed tree. Tile layout:
+    each group's column statistics are reduced over the tile (centred, two passes in registers) and
+    Chan-merged, group by group in row order, into the chunk's running record."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)  # [BLOCK_C]
     col_ok = cols < C  # [BLOCK_C]
     r_off = tl.arange(0, GROUP_ROWS)  # [GROUP_ROWS]
     for k in range(CHUNKS_PER_PROGRAM):
         chunk = pid * CHUNKS_PER_PROGRAM + k
-        # per-thread running statistics (a thread owns row r_off of every group of the chunk)
-        n_t = tl.zeros([GROUP_ROWS], dtype=tl.float32)  # [GROUP_ROWS] kept rows seen
-        r_t = tl.zeros([GROUP_ROWS], dtype=tl.float32)  # [GROUP_ROWS] sum of r_i
-        mp = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C] mean of p
-        mq = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C] mean of q
-        m2p = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C]
-        m2q = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C]
-        cpq = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C]
-        for g in range(MERGE_GROUPS):
-            first_row = (chunk * MERGE_GROUPS + g) * GROUP_ROWS
-            rows, b_idx, hw_idx = _row_index(first_row, r_off, N, HW, ONE_IMAGE, True)  # [GROUP_ROWS] each
-            s_row = b_idx * s_sb + hw_idx * s_shw  # [GROUP_ROWS] element offset of each row
-            t_row = b_idx * t_sb + hw_idx * t_shw  # [GROUP_ROWS]
-            e_s, sum_s, inv_s = _row_exp(s_ptr, s_row, rows < N, cols, s_sc, x_scale, C, True)
-            e_t, sum_t, inv_t = _row_exp(t_ptr, t_row, rows < N, cols, t_sc, x_scale, C, True)
-            kept = _kept_rows(m_ptr, rows, N, HAS_MASK)  # [GROUP_ROWS]
-            _ea, _eb, ab, na, nb, inv_d = _row_pearson(e_s, sum_s, inv_s, e_t, sum_t, inv_t, cols, eps, C)
-            r_t += tl.where(kept, ab * inv_d, 0.0)
-            p = e_s * inv_s[:, None]  # [GROUP_ROWS, BLOCK_C]
-            q = e_t * inv_t[:, None]  # [GROUP_ROWS, BLOCK_C]
-
-            # Welford step of each thread's statistics with its row (weight 0 for a dropped row)
-            n_t += kept.to(tl.float32)
-            w = tl.where(kept, tl.fdiv(1.0, tl.maximum(n_t, 1.0)), 0.0)  # [GROUP_ROWS] 1/n
-            f = tl.where(kept, 1.0 - w, 0.0)  # [GROUP_ROWS] (n-1)/n
-            # where(), not a product with the 0/1 mask: masked rows may hold NaN/inf (NaN * 0 = NaN)
-            if HAS_MASK:
-                p = tl.where(kept[:, None], p, 0.0)  # [GROUP_ROWS, BLOCK_C]
-                q = tl.where(kept[:, None], q, 0.0)  # [GROUP_ROWS, BLOCK_C]
-            # without a mask, a dropped row (past N) is a copy of row N-1: finite unless the loss is NaN
-            # anyway, so its weights w = f = 0 alone leave the statistics unchanged
-            dp = p - mp  # [GROUP_ROWS, BLOCK_C]
-            dq = q - mq  # [GROUP_ROWS, BLOCK_C]
-            dp_f = dp * f[:, None]  # [GROUP_ROWS, BLOCK_C]
-            # where(col_ok): padded classes' statistics become the constant 0, so that their updates
-            # fold away (the compiler cannot prove that a loop-carried 0 + 0 * w stays 0)
-            mp = tl.where(col_ok[None, :], mp + dp * w[:, None], 0.0)
-            mq = tl.where(col_ok[None, :], mq + dq * w[:, None], 0.0)
-            m2p = tl.where(col_ok[None, :], m2p + dp_f * dp, 0.0)
-            cpq = tl.where(col_ok[None, :], cpq + dp_f * dq, 0.0)
-            m2q = tl.where(col_ok[None, :], m2q + dq * f[:, None] * dq, 0.0)
-
-        # merge the threads' statistics (fixed reduction tree of the layout)
-        count = tl.sum(n_t, axis=0)
-        inv_n = 1.0 / tl.maximum(count, 1.0)
-        mu_p = tl.sum(n_t[:, None] * mp, axis=0) * inv_n  # [BLOCK_C]
-        mu_q = tl.sum(n_t[:, None] * mq, axis=0) * inv_n  # [BLOCK_C]
-        dmp = mp - mu_p[None, :]  # [GROUP_ROWS, BLOCK_C]
-        dmq = mq - mu_q[None, :]  # [GROUP_ROWS, BLOCK_C]
-        n_dmp = n_t[:, None] * dmp  # [GROUP_ROWS, BLOCK_C]
-        m2_p = tl.sum(m2p + n_dmp * dmp, axis=0)  # [BLOCK_C]
-        m2_q = tl.sum(m2q + n_t[:, None] * dmq * dmq, axis=0)  # [BLOCK_C]
-        c_pq = tl.sum(cpq + n_dmp * dmq, axis=0)  # [BLOCK_C]
-        _store_record(row_part_ptr, col_part_ptr, chunk, num_chunks, cols, tl.sum(r_t, axis=0), count,
+        if ROW_LAYOUT:
+            # per-thread running statistics (a thread owns row r_off of every group of the chunk)
+            n_t = tl.zeros([GROUP_ROWS], dtype=tl.float32)  # [GROUP_ROWS] kept rows seen
+            r_t = tl.zeros([GROUP_ROWS], dtype=tl.float32)  # [GROUP_ROWS] sum of r_i
+            mp = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C] mean of p
+            mq = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C] mean of q
+            m2p = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C]
+            m2q = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C]
+            cpq = tl.zeros([GROUP_ROWS, BLOCK_C], dtype=tl.float32)  # [GROUP_ROWS, BLOCK_C]
+            for g in range(MERGE_GROUPS):
+                first_row = (chunk * MERGE_GROUPS + g) * GROUP_ROWS
+                p, q, kept, r = _group_rows(s_ptr, t_ptr, m_ptr, first_row, r_off, cols, N, HW, s_sb,
+                                            s_shw, s_sc, t_sb, t_shw, t_sc, x_scale, eps, C, HAS_MASK,
+                                            ONE_IMAGE, True)
+                r_t += r
+                # Welford step of each thread's statistics with its row (weight 0 for a dropped row)
+                n_t += kept.to(tl.float32)
+                w = tl.where(kept, tl.fdiv(1.0, tl.maximum(n_t, 1.0)), 0.0)  # [GROUP_ROWS] 1/n
+                f = tl.where(kept, 1.0 - w, 0.0)  # [GROUP_ROWS] (n-1)/n
+                # without a mask, a dropped row (past N) is a copy of row N-1: finite unless the loss
+                # is NaN anyway, so its weights w = f = 0 alone leave the statistics unchanged
+                dp = p - mp  # [GROUP_ROWS, BLOCK_C]
+                dq = q - mq  # [GROUP_ROWS, BLOCK_C]
+                dp_f = dp * f[:, None]  # [GROUP_ROWS, BLOCK_C]
+                # where(col_ok): padded classes' statistics become the constant 0, so that their
+                # updates fold away (the compiler cannot prove that a loop-carried 0 + 0 * w stays 0)
+                mp = tl.where(col_ok[None, :], mp + dp * w[:, None], 0.0)
+                mq = tl.where(col_ok[None, :], mq + dq * w[:, None], 0.0)
+                m2p = tl.where(col_ok[None, :], m2p + dp_f * dp, 0.0)
+                cpq = tl.where(col_ok[None, :], cpq + dp_f * dq, 0.0)
+                m2q = tl.where(col_ok[None, :], m2q + dq * f[:, None] * dq, 0.0)
+            # merge the threads' statistics (fixed reduction tree of the layout)
+            sum_r = tl.sum(r_t, axis=0)
+            count = tl.sum(n_t, axis=0)
+            inv_n = 1.0 / tl.maximum(count, 1.0)
+            mu_p = tl.sum(n_t[:, None] * mp, axis=0) * inv_n  # [BLOCK_C]
+            mu_q = tl.sum(n_t[:, None] * mq, axis=0) * inv_n  # [BLOCK_C]
+            dmp = mp - mu_p[None, :]  # [GROUP_ROWS, BLOCK_C]
+            dmq = mq - mu_q[None, :]  # [GROUP_ROWS, BLOCK_C]
+            n_dmp = n_t[:, None] * dmp  # [GROUP_ROWS, BLOCK_C]
+            m2_p = tl.sum(m2p + n_dmp * dmp, axis=0)  # [BLOCK_C]
+            m2_q = tl.sum(m2q + n_t[:, None] * dmq * dmq, axis=0)  # [BLOCK_C]
+            c_pq = tl.sum(cpq + n_dmp * dmq, axis=0)  # [BLOCK_C]
+        else:
+            # running (Chan) statistics of the chunk, merged group by group in row order
+            count = 0.0
+            sum_r = 0.0
+            mu_p = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
+            mu_q = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
+            m2_p = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
+            m2_q = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
+            c_pq = tl.zeros([BLOCK_C], dtype=tl.float32)  # [BLOCK_C]
+            for g in range(MERGE_GROUPS):
+                first_row = (chunk * MERGE_GROUPS + g) * GROUP_ROWS
+                p, q, kept, r = _group_rows(s_ptr, t_ptr, m_ptr, first_row, r_off, cols, N, HW, s_sb,
+                                            s_shw, s_sc, t_sb, t_shw, t_sc, x_scale, eps, C, HAS_MASK,
+                                            ONE_IMAGE, False)
+                # centred column statistics of this group (two passes over the tile in registers)
+                n_g = tl.sum(kept.to(tl.float32), axis=0)
+                inv_n = 1.0 / tl.maximum(n_g, 1.0)
+                mu_pg = tl.sum(p, axis=0) * inv_n  # [BLOCK_C]
+                mu_qg = tl.sum(q, axis=0) * inv_n  # [BLOCK_C]
+                dp = tl.where(kept[:, None], p - mu_pg[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
+                dq = tl.where(kept[:, None], q - mu_qg[None, :], 0.0)  # [GROUP_ROWS, BLOCK_C]
+                # exact Chan merge of (n_g, group stats) into the running chunk statistics
+                n_new = count + n_g
+                w = n_g / tl.maximum(n_new, 1.0)
+                cross = count * w  # = n_run * n_g / n_new
+                del_p = mu_pg - mu_p  # [BLOCK_C]
+                del_q = mu_qg - mu_q  # [BLOCK_C]
+                mu_p = mu_p + del_p * w
+                mu_q = mu_q + del_q * w
+                m2_p = m2_p + tl.sum(dp * dp, axis=0) + del_p * del_p * cross
+                m2_q = m2_q + tl.sum(dq * dq, axis=0) + del_q * del_q * cross
+                c_pq = c_pq + tl.sum(dp * dq, axis=0) + del_p * del_q * cross
+                count = n_new
+                sum_r = sum_r + tl.sum(r, axis=0)
+        _store_record(row_part_ptr, col_part_ptr, chunk, num_chunks, cols, sum_r, count,
                       mu_p, mu_q, m2_p, m2_q, c_pq, C)
 
 
@@ -899,11 +879,6 @@ def _fwd_configs(tp: dict) -> tuple[dict, ...]:
     return _ROW_FWD_CONFIGS if tp["ROW_LAYOUT"] else FWD_CONFIGS
 
 
-def _fwd_kernel(tp: dict):
-    """The statistics kernel of a tile geometry: row layout (C <= 21) or tile layout."""
-    return _dist_fwd_rows_kernel if tp["ROW_LAYOUT"] else _dist_fwd_kernel
-
-
 def dist_forward_records(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -927,15 +902,14 @@ def dist_forward_records(
         return row_part, col_part
     m_arg = m if m is not None else row_part  # never read when HAS_MASK is False
 
-    kernel = _fwd_kernel(tp)
-
     def launch(cfg: dict) -> None:
         cpp = cfg["CHUNKS_PER_PROGRAM"]
         grid = (_cdiv(num_chunks, cpp),)
-        kernel[grid](
+        _dist_fwd_kernel[grid](
             s, t, m_arg, row_part, col_part, n, hw, *s_str, *t_str, _x_scale(tau), float(eps), num_chunks,
             C=C, BLOCK_C=tp["BLOCK_C"], GROUP_ROWS=tp["GROUP_ROWS"], MERGE_GROUPS=merge,
             CHUNKS_PER_PROGRAM=cpp, HAS_MASK=m is not None, ONE_IMAGE=_one_image(n, hw, tp["GROUP_ROWS"]),
+            ROW_LAYOUT=tp["ROW_LAYOUT"],
             num_warps=tp["num_warps"], num_stages=cfg["num_stages"], maxnreg=tp["maxnreg"],
         )
 
@@ -1196,9 +1170,10 @@ def _fwd_spec(C, s_dt, t_dt, layout, shape, has_mask, one_image, cfg, aligned) -
             **dict(zip(("t_sb", "t_shw", "t_sc"), s_str, strict=True)),
             "x_scale": 1.0, "eps": 1.0, "num_chunks": num_chunks}
     const = {"C": C, "BLOCK_C": tp["BLOCK_C"], "GROUP_ROWS": tp["GROUP_ROWS"], "MERGE_GROUPS": merge,
-             "CHUNKS_PER_PROGRAM": cfg["CHUNKS_PER_PROGRAM"], "HAS_MASK": has_mask, "ONE_IMAGE": one_image}
+             "CHUNKS_PER_PROGRAM": cfg["CHUNKS_PER_PROGRAM"], "HAS_MASK": has_mask, "ONE_IMAGE": one_image,
+             "ROW_LAYOUT": tp["ROW_LAYOUT"]}
     launch = {"num_warps": tp["num_warps"], "num_stages": cfg["num_stages"], "maxnreg": tp["maxnreg"]}
-    return _make_spec(_fwd_kernel(tp), "fwd", args, const, launch, _meta(C, s_dt, layout), aligned)
+    return _make_spec(_dist_fwd_kernel, "fwd", args, const, launch, _meta(C, s_dt, layout), aligned)
 
 
 def _bwd_spec(C, s_dt, t_dt, layout, shape, has_mask, need_s, need_t, one_image, cfg, aligned) -> dict:

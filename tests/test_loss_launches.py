@@ -67,7 +67,7 @@ def counter(monkeypatch):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("C, fwd_kernel", [(19, "_dist_fwd_rows_kernel"), (150, "_dist_fwd_kernel")])
+@pytest.mark.parametrize("C, fwd_kernel", [(19, "_dist_fwd_kernel"), (150, "_dist_fwd_kernel")])
 def test_forward_backward_launches(counter, layout, C, fwd_kernel):
     # C <= 32: the row-layout statistics kernel; larger C: the tile-layout one (same launch count)
     g = torch.Generator().manual_seed(0)

@@ -40,20 +40,28 @@ def test_palette_by_hand() -> None:
     assert got.tolist() == [[[128, 64, 128], [0, 0, 142]], [[119, 11, 32], [0, 0, 0]]]
 
 
+def _saved_model_rows(run, data, classes: int, checkpoint: str) -> list:
+    """Save a seeded psp_mobile student of `classes` classes as `checkpoint` in `run`, then the example
+    rows (image, truth, prediction) of the 2 validation images of `data`."""
+    from fastdist.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("psp_mobile", "mobilenetv2", num_classes=classes).eval()
+    torch.save(model.state_dict(), run / checkpoint)
+    rows = predict_examples([run], str(data), count=5)
+    assert len(rows) == 2 and all(len(row) == 3 for row in rows)
+    return rows
+
+
 def test_examples_strip(tmp_path) -> None:
     from fastdist.data.cityscapes import PALETTE, label_lut
-    from fastdist.models import build_model
 
     data = make_synthetic_cityscapes(tmp_path / "data", train=0, val=2, size=(32, 64))
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"student_model": "psp_mobile",
                                                  "student_backbone": "mobilenetv2", "teacher_model": None}))
-    torch.manual_seed(0)
-    model = build_model("psp_mobile", "mobilenetv2", num_classes=19).eval()
-    torch.save(model.state_dict(), run / "psp_mobile_mobilenetv2_citys_best_model.pth")
-    rows = predict_examples([run], str(data), count=5)
-    assert len(rows) == 2 and all(len(row) == 3 for row in rows)
+    rows = _saved_model_rows(run, data, 19, "psp_mobile_mobilenetv2_citys_best_model.pth")
     image_file = sorted((data / "leftImg8bit" / "val").rglob("*.png"))[0]
     label_file = sorted((data / "gtFine" / "val").rglob("*.png"))[0]
     image, truth, prediction = rows[0]
@@ -74,7 +82,6 @@ def test_examples_strip(tmp_path) -> None:
 def test_examples_strip_ade20k(tmp_path, capsys) -> None:
     """A run of another dataset: its export name, 150 classes, its label map, palette and val split."""
     from fastdist.data import get_dataset
-    from fastdist.models import build_model
 
     spec = get_dataset("ade20k")
     data = make_synthetic_dataset(tmp_path / "ade", "ade20k", train=0, val=2, size=(32, 48))
@@ -82,11 +89,7 @@ def test_examples_strip_ade20k(tmp_path, capsys) -> None:
     _fake_run(run, kd=True)
     (run / "config.json").write_text(json.dumps({"student_model": "psp_mobile", "dataset": "ade20k",
                                                  "student_backbone": "mobilenetv2", "teacher_model": "psp"}))
-    torch.manual_seed(0)
-    model = build_model("psp_mobile", "mobilenetv2", num_classes=150).eval()
-    torch.save(model.state_dict(), run / "kd_psp_mobile_mobilenetv2_ade20k_best_model.pth")
-    rows = predict_examples([run], str(data), count=5)
-    assert len(rows) == 2 and all(len(row) == 3 for row in rows)
+    rows = _saved_model_rows(run, data, 150, "kd_psp_mobile_mobilenetv2_ade20k_best_model.pth")
     image_file = sorted((data / "images" / "validation").glob("*.jpg"))[0]
     label_file = sorted((data / "annotations" / "validation").glob("*.png"))[0]
     image, truth, prediction = rows[0]

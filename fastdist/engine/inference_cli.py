@@ -10,18 +10,21 @@ the process group, the device transfer and the data pipeline start last.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from fastdist.engine.config import SCALE_RANGE, check_writable_dir, finite_scale
-from fastdist.engine.distributed import DistEnv, setup_distributed
+from fastdist.data import DatasetError
+from fastdist.engine.config import SCALE_RANGE, ConfigError, check_writable_dir, finite_scale
+from fastdist.engine.distributed import DistEnv, DistributedSetupError, cleanup_distributed, setup_distributed
+from fastdist.engine.finite import NonFiniteLogitsError
 from fastdist.engine.runtime import Runtime, add_runtime_args, resolve_runtime, to_device
 
 __all__ = ["InferenceRun", "InferenceSetupError", "add_inference_args", "build_inference_model",
-           "check_model_name", "prepare_inference"]
+           "check_model_name", "prepare_inference", "run_command"]
 
 
 class InferenceSetupError(RuntimeError):
@@ -129,3 +132,21 @@ def prepare_inference(args: argparse.Namespace,
     model = build_inference_model(args.model, args.backbone, args.pretrained, spec.num_classes)
     env = setup_distributed(runtime.device)
     return InferenceRun(to_device(model, env.device, runtime.channels_last), env, runtime, pairs)
+
+
+# what an entry point reports in one line; the others are bugs and keep their traceback
+_COMMAND_ERRORS = (ConfigError, DatasetError, InferenceSetupError, DistributedSetupError,
+                   NonFiniteLogitsError)
+
+
+def run_command(prog: str, run: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> int:
+    """Exit status of eval.py / predict.py: 0, 2 on a user error (bad flag, data, checkpoint or
+    distributed setup), 1 when the model's logits are not finite (no score, no PNGs); such an error is
+    one line on stderr, after which the process group is torn down."""
+    try:
+        run(args)
+    except _COMMAND_ERRORS as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        cleanup_distributed()
+        return 1 if isinstance(exc, NonFiniteLogitsError) else 2
+    return 0

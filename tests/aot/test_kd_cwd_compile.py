@@ -13,17 +13,14 @@ import os
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     raise RuntimeError("tests/aot must run without TRITON_INTERPRET (the kernels are compiled ahead of time)")
 
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from ptxas_spills import ptxas_spills  # noqa: E402
 
 from kernels import cwd_loss, kd_loss  # noqa: E402
 
 ARCHS = (80, 90)
-_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def _heaviest(specs: list[dict]) -> list[dict]:
@@ -44,37 +41,13 @@ def _cwd_specs() -> list[dict]:
     return specs
 
 
-def _spills(sp: dict, arch: int) -> list[tuple[int, int]]:
-    """Compile one spec for sm_<arch>; the (store, load) spill bytes ptxas -v reports per function."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    src = triton.compiler.ASTSource(sp["fn"], sp["signature"], sp["constexprs"], sp["attrs"])
-    kern = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": sp["num_warps"], "num_stages": sp["num_stages"],
-                                   "maxnreg": sp["maxnreg"]})
-    ptx = kern.asm["ptx"]
-    gpu = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    try:
-        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True)
-    finally:
-        os.unlink(f.name)
-    found = [(int(a), int(b)) for a, b in _SPILL.findall(res.stdout + res.stderr)]
-    assert found, f"ptxas -v printed no spill report:\n{res.stderr[-2000:]}"
-    return found
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("specs", (_kd_specs, _cwd_specs), ids=("kd", "cwd"))
 def test_compiles_without_spills(tmp_path, monkeypatch, specs, arch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     failures = []
     for sp in specs():
-        spills = _spills(sp, arch)
+        spills = ptxas_spills(sp, arch)
         if any(s or lo for s, lo in spills):
             failures.append(f"sm_{arch} {sp['name']} {sp['dtype']}: spills {spills}")
     assert not failures, "\n".join(failures)

@@ -2,7 +2,8 @@
 register-spill check (`ptxas -v` must report 0 bytes of spill stores and loads), plus the launchers'
 error paths without a GPU. Runs WITHOUT TRITON_INTERPRET.
 
-Coverage: C in {2, 19, 150, 1024, MAX_C} (each tile-geometry regime and the limit).
+Coverage: C in {2, 19, 21, 150, 1024, MAX_C} (the row layout up to its largest C, each tile-geometry
+regime and the limit).
 - bf16/bf16: every autotune config of the heaviest variants (forward with mask, backward writing
   dS and dT) in both stride specialisations Triton makes at run time (class stride 1: row-major /
   channels-last; row stride 1: NCHW), with the divisibility-by-16 hints of aligned tensors
@@ -19,13 +20,11 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     raise RuntimeError("tests/aot must run without TRITON_INTERPRET (the kernels are compiled ahead of time)")
 
 import multiprocessing  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from ptxas_spills import ptxas_spills  # noqa: E402
 
 from kernels import dist_loss as K  # noqa: E402
 
@@ -33,7 +32,6 @@ C_VALUES = (2, 19, K._ROW_LAYOUT_MAX_C, 150, 1024, K.MAX_C)  # row layout up to 
 ARCHS = (80, 90)
 MAIN = ("bfloat16", "bfloat16")
 OTHER = (("float32", "float32"), ("float16", "float16"), ("bfloat16", "float32"))
-_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def _specs(C, s_name, t_name, arch):
@@ -52,34 +50,12 @@ def _specs(C, s_name, t_name, arch):
 def _compile_batch(job):
     """Worker: compile specs[i] for every i of one (C, dtypes) for one arch; returns (name, error, spills)."""
     C, s_name, t_name, arch = job
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    ptxas = get_ptxas(arch).path
     out = []
     for sp in _specs(C, s_name, t_name, arch):
         name = (f"sm_{arch} {s_name}/{t_name} {sp['name']} warps={sp['num_warps']} "
                 f"stages={sp['num_stages']} maxnreg={sp['maxnreg']}")
         try:
-            src = triton.compiler.ASTSource(sp["fn"], sp["signature"], sp["constexprs"], sp["attrs"])
-            kern = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": sp["num_warps"], "num_stages": sp["num_stages"],
-                                           "maxnreg": sp["maxnreg"]})
-            ptx = kern.asm["ptx"]
-            gpu = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(ptx)
-            try:
-                res = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull],
-                                     capture_output=True, text=True, check=True)
-            finally:
-                os.unlink(f.name)
-            spills = [(int(a), int(b)) for a, b in _SPILL.findall(res.stdout + res.stderr)]
-            if not spills:
-                out.append((name, "ptxas -v printed no spill report:\n" + res.stderr[-2000:], None))
-            else:
-                out.append((name, None, spills))
+            out.append((name, None, ptxas_spills(sp, arch)))
         except Exception as e:  # reported per kernel by the test
             out.append((name, f"{type(e).__name__}: {e}"[-4000:], None))
     return out
