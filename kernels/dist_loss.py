@@ -92,8 +92,9 @@ closed form multiplies rounding noise in A, B by k/1e-8. That is a property of t
 Autotuning: a small in-module tuner (``_pick_config``) benchmarks the candidate configs once per key
 with ``triton.testing.do_bench`` on CUDA, keyed on (C, dtypes, stride pattern, flags, N bucket).
 Under TRITON_INTERPRET=1, with FASTDIST_AUTOTUNE=0, or while a CUDA graph is being captured, the
-default config is used (no benchmarking). Tests can run any config explicitly with the ``config=``
-argument of the launchers, and tests/aot compiles every config (``aot_kernel_specs``).
+default config is used (no benchmarking); so is it for the row layout's forward, which has a single
+candidate. Tests can run any config explicitly with the ``config=`` argument of the launchers, and
+tests/aot compiles every candidate (``aot_kernel_specs``).
 """
 
 from __future__ import annotations
