@@ -367,9 +367,9 @@ def _group_rows(
     p = e_s * inv_s[:, None]  # [GROUP_ROWS, BLOCK_C]
     q = e_t * inv_t[:, None]  # [GROUP_ROWS, BLOCK_C]
     if HAS_MASK or not ROW_LAYOUT:
-        p = tl.where(kept[:, None], p, 0.0)
-        q = tl.where(kept[:, None], q, 0.0)
-    return p, q, kept, tl.where(kept, ab * inv_d, 0.0)
+        p = tl.where(kept[:, None], p, 0.0)  # [GROUP_ROWS, BLOCK_C]
+        q = tl.where(kept[:, None], q, 0.0)  # [GROUP_ROWS, BLOCK_C]
+    return p, q, kept, tl.where(kept, ab * inv_d, 0.0)  # ..., [GROUP_ROWS] r_i
 
 
 @triton.jit
