@@ -804,12 +804,11 @@ def _pick_config(key, configs, default, launch, device: torch.device):
     if (len(configs) == 1 or not _autotune_enabled() or device.type != "cuda"
             or torch.cuda.is_current_stream_capturing()):
         return default  # (a single candidate is the default: nothing to benchmark)
-    if best is None:
-        from triton.testing import do_bench
+    from triton.testing import do_bench
 
-        timings = [do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20) for cfg in configs]
-        best = configs[min(range(len(configs)), key=timings.__getitem__)]
-        _TUNE_CACHE[key] = best
+    timings = [do_bench(lambda cfg=cfg: launch(cfg), warmup=5, rep=20) for cfg in configs]
+    best = configs[min(range(len(configs)), key=timings.__getitem__)]
+    _TUNE_CACHE[key] = best
     return best
 
 
